@@ -1,0 +1,66 @@
+"""Shared fixtures: a tiny random-init Qwen3 with the real Qwen3 tokenizer, synthetic data, one training run."""
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import config  # noqa: E402
+from demo.synthetic import build_tiny_qwen3, make_synthetic_test, make_synthetic_train  # noqa: E402
+
+torch.set_num_threads(2)
+
+SINGLE_CLASS_QUESTION = 109465
+SINGLETON = (31772, "True_Misconception:WNB")
+# Settings under which the tiny model learns the synthetic signal within seconds.
+FAST = ["--prompt-version", "create_prompt_v1", "--lr", "5e-3", "--epochs", "8", "--eval-steps", "0.25"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_config():
+    """Scripts write their overrides into the config module: undo them after each test."""
+    saved = config.snapshot()
+    yield
+    config.update(saved)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    return build_tiny_qwen3(str(tmp_path_factory.mktemp("tiny_qwen3")))
+
+
+@pytest.fixture(scope="session")
+def train_csv(tmp_path_factory):
+    df = make_synthetic_train(150, seed=0, single_class_question=SINGLE_CLASS_QUESTION, singleton_label=SINGLETON)
+    path = tmp_path_factory.mktemp("data") / "train.csv"
+    df.to_csv(path, index=False)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def test_csv(train_csv, tmp_path_factory):
+    import pandas as pd
+    train = pd.read_csv(train_csv, keep_default_na=False, dtype=str)
+    train["QuestionId"] = train["QuestionId"].astype(int)
+    path = tmp_path_factory.mktemp("data") / "test.csv"
+    make_synthetic_test(train, rows=90).to_csv(path, index=False)
+    return str(path)
+
+
+def train_args(model, data, output_dir, *extra):
+    return ["--model", model, "--train-data", data, "--output-dir", str(output_dir), *FAST, *extra]
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_model, train_csv, tmp_path_factory):
+    """One training run over all 15 synthetic questions; returns its output dir and exit code."""
+    import train
+    output_dir = tmp_path_factory.mktemp("run")
+    saved = config.snapshot()
+    code = train.main(train_args(tiny_model, train_csv, output_dir))
+    config.update(saved)
+    return {"output_dir": str(output_dir), "code": code}

@@ -1,0 +1,84 @@
+"""Prompts never cut the explanation; the collator pads to the batch's longest row on either side."""
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from data_collator import build_data_collator
+from demo.synthetic import qwen_tokenizer_dir
+from prompts import PROMPTS, create_prompt_v2, encode_prompts
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+
+
+def rows(explanations, question_id=31772):
+    return pd.DataFrame({
+        "row_id": [str(i) for i in range(len(explanations))], "QuestionId": question_id,
+        "QuestionText": "What fraction of the shape is not shaded?", "MC_Answer": r"\( \frac{1}{3} \)",
+        "StudentExplanation": explanations,
+    })
+
+
+def test_v2_has_full_context_and_uses_the_chat_template(tokenizer):
+    ids, stats = encode_prompts(rows(["because 3 of 9 is a third"]), tokenizer, "create_prompt_v2", 300)
+    text = tokenizer.decode(ids[0])
+    assert text.startswith("<|im_start|>user\nQuestion: What fraction")
+    assert r"Choices: \( \frac{1}{3} \) |" in text and "(correct)" in text and "- WNB:" in text
+    assert text.rstrip().endswith("Student's explanation: because 3 of 9 is a third<|im_end|>")
+    assert stats["shortened"] == 0
+
+
+def test_context_is_shortened_and_the_explanation_never_cut(tokenizer):
+    long_explanation = " ".join(f"word{i}" for i in range(60))
+    df = rows([long_explanation, "short"])
+    full_ids, _ = encode_prompts(df, tokenizer, "create_prompt_v2", 10_000)
+    budget = len(full_ids[0]) - 5
+    ids, stats = encode_prompts(df, tokenizer, "create_prompt_v2", budget)
+    assert len(ids[0]) <= budget and long_explanation in tokenizer.decode(ids[0])
+    assert ids[1] == full_ids[1]
+    assert stats["shortened"] == 1 and stats["over_max_len"] == 0
+    tiny, stats = encode_prompts(df, tokenizer, "create_prompt_v2", 8)
+    assert long_explanation in tokenizer.decode(tiny[0]) and "short" in tokenizer.decode(tiny[1])
+    assert stats["over_max_len"] == 2 and stats["shortened"] == 2
+
+
+def test_v2_levels_drop_context_in_order():
+    row = next(rows(["x"]).itertuples(index=False))
+    texts = [create_prompt_v2(row, level) for level in range(create_prompt_v2.levels)]
+    assert [len(t) for t in texts] == sorted((len(t) for t in texts), reverse=True)
+    assert "Question:" in texts[2] and "Question:" not in texts[3]
+    assert all("Student's explanation: x" in t for t in texts)
+
+
+def test_plain_text_without_a_chat_template(tokenizer):
+    plain = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+    plain.chat_template = None
+    ids, _ = encode_prompts(rows(["x"]), plain, "create_prompt_v1", 100)
+    assert plain.decode(ids[0]) == "Answer: \\( \\frac{1}{3} \\) (correct)\nExplanation: x"
+
+
+def test_unknown_question_gets_no_correctness_claim(tokenizer):
+    text = PROMPTS["create_prompt_v2"](next(rows(["x"], question_id=1).itertuples(index=False)))
+    assert "(correct)" not in text and "Choices" not in text and "Question:" in text
+
+
+def test_unknown_prompt_version_is_named(tokenizer):
+    with pytest.raises(ValueError, match="unknown prompt version 'v9'"):
+        encode_prompts(rows(["x"]), tokenizer, "v9", 100)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_collator_pads_to_longest_row(tokenizer, side):
+    tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir(), padding_side=side)
+    features = [{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4], "labels": 2}]
+    batch = build_data_collator(tokenizer)(features)
+    pad = tokenizer.pad_token_id
+    expected = [[1, 2, 3], [4, pad, pad]] if side == "right" else [[1, 2, 3], [pad, pad, 4]]
+    mask = [[1, 1, 1], [1, 0, 0]] if side == "right" else [[1, 1, 1], [0, 0, 1]]
+    assert batch["input_ids"].tolist() == expected
+    assert batch["attention_mask"].tolist() == mask
+    assert batch["labels"].tolist() == [0, 2]
+    assert build_data_collator(tokenizer, 8)(features)["input_ids"].shape == torch.Size([2, 8])

@@ -1,0 +1,166 @@
+"""Per-question training end to end on the tiny Qwen3 and synthetic data."""
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import config
+import train
+from conftest import SINGLE_CLASS_QUESTION, SINGLETON, train_args
+from prompt_utils import questions
+from utils import (TORCH_DTYPES, correctness_of, decode_top_k, load_adapter, load_base_model, load_tokenizer,
+                   map_at_k, predict_logits, read_competition_csv)
+from data_collator import build_data_collator
+
+
+def results(output_dir, question_id):
+    with open(os.path.join(output_dir, "summary", f"question_{question_id}_results.json")) as handle:
+        return json.load(handle)
+
+
+def test_every_trained_question_has_its_artifacts(trained):
+    assert trained["code"] == 0
+    for question_id in questions:
+        question_dir = os.path.join(trained["output_dir"], f"question_{question_id}")
+        assert os.path.isfile(os.path.join(question_dir, "label_encoder.joblib"))
+        if question_id == SINGLE_CLASS_QUESTION:
+            continue
+        for checkpoint in ("best", "best_map3"):
+            assert os.path.isfile(os.path.join(question_dir, checkpoint, "adapter_model.safetensors"))
+        assert os.path.isfile(os.path.join(question_dir, "logs", "train.log"))
+        history = json.load(open(os.path.join(question_dir, "logs", "log_history.json")))
+        assert any("eval_map3" in entry for entry in history)
+        result = results(trained["output_dir"], question_id)
+        assert result["status"] == "succeeded"
+        assert result["train_rows"] + result["val_rows"] == result["rows"]
+        assert 0 <= result["final_map3"] <= result["best_map3"] <= 1
+        assert result["seconds"] > 0 and result["peak_rss_mb"] > 0
+
+
+def test_skipped_question_and_summary(trained):
+    skipped = results(trained["output_dir"], SINGLE_CLASS_QUESTION)
+    assert skipped["status"] == "skipped" and skipped["classes"] == ["True_Correct:NA"]
+    assert skipped["reason"] == f"Warning: Question {SINGLE_CLASS_QUESTION} has only 1 class(es). Skipping..."
+    summary = json.load(open(os.path.join(trained["output_dir"], "summary", "all_questions_summary.json")))
+    assert (summary["succeeded"], summary["failed"], summary["skipped"]) == (14, 0, 1)
+    per_question = [results(trained["output_dir"], q) for q in questions if q != SINGLE_CLASS_QUESTION]
+    weighted = sum(r["best_map3"] * r["val_rows"] for r in per_question) / sum(r["val_rows"] for r in per_question)
+    assert summary["overall_best_map3"] == pytest.approx(weighted)
+    assert summary["per_question"][str(SINGLE_CLASS_QUESTION)]["status"] == "skipped"
+
+
+def test_skip_warning_is_printed(tiny_model, train_csv, tmp_path, capsys):
+    code = train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", str(SINGLE_CLASS_QUESTION)))
+    assert code == 0
+    assert f"Warning: Question {SINGLE_CLASS_QUESTION} has only 1 class(es). Skipping..." in capsys.readouterr().out
+
+
+def test_validation_map3_beats_the_label_prior(trained, train_csv):
+    """The prior predicts each question's training label frequencies (with the same correctness mask)."""
+    df = read_competition_csv(train_csv, labelled=True)
+    model_scores, prior_scores, weights = [], [], []
+    for question_id in questions:
+        if question_id == SINGLE_CLASS_QUESTION:
+            continue
+        rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
+        train_idx, val_idx = train.split_rows(rows, config.SEED)
+        counts = rows.loc[train_idx, "Category:Misconception"].value_counts()
+        val = rows.loc[val_idx]
+        prior = decode_top_k(np.tile(counts.to_numpy(float), (len(val), 1)), counts.index, correctness_of(val), True)
+        prior_scores.append(map_at_k(val["Category:Misconception"].tolist(), prior))
+        model_scores.append(results(trained["output_dir"], question_id)["best_map3"])
+        weights.append(len(val))
+    model, prior = np.average(model_scores, weights=weights), np.average(prior_scores, weights=weights)
+    assert model > prior + 0.1, (model, prior)
+
+
+def test_split_keeps_singleton_classes_in_training_and_duplicates_together(train_csv):
+    df = read_competition_csv(train_csv, labelled=True)
+    rows = df[df["QuestionId"] == SINGLETON[0]].reset_index(drop=True)
+    rows = pd.concat([rows, rows.iloc[:20]], ignore_index=True)  # 20 repeated texts
+    train_idx, val_idx = train.split_rows(rows, 0)
+    assert sorted(np.concatenate([train_idx, val_idx])) == list(range(len(rows)))
+    singleton = rows.index[rows["Category:Misconception"] == SINGLETON[1]]
+    assert set(singleton) <= set(train_idx)
+    key = rows["MC_Answer"] + rows["StudentExplanation"]
+    assert not set(key[train_idx]) & set(key[val_idx])
+    assert 0.1 < len(val_idx) / len(rows) < 0.3
+
+
+def test_saved_adapter_reloaded_on_a_fresh_base_gives_the_same_logits(tiny_model, train_csv, tmp_path, monkeypatch):
+    captured = {}
+    save = train.save_adapter
+    tokenizer = load_tokenizer(tiny_model)
+    probe = [tokenizer("Answer: 3 (incorrect)\nExplanation: mistake wnb")["input_ids"], tokenizer("hello")["input_ids"]]
+    collator = build_data_collator(tokenizer)
+
+    def save_and_capture(model, path):
+        save(model, path)
+        captured[os.path.basename(path)] = predict_logits(model, probe, collator, 2, "fp32")
+
+    monkeypatch.setattr(train, "save_adapter", save_and_capture)
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471")) == 0
+    fresh = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
+    classes = results(str(tmp_path), 33471)["classes"]
+    model = load_adapter(fresh, os.path.join(tmp_path, "question_33471", "best"), len(classes))
+    reloaded = predict_logits(model, probe, collator, 2, "fp32")
+    np.testing.assert_allclose(reloaded, captured["best"], atol=1e-5)
+    assert not np.allclose(reloaded, 0)
+
+
+def test_resume_skips_completed_questions_and_overwrite_retrains(tiny_model, train_csv, tmp_path, monkeypatch):
+    args = train_args(tiny_model, train_csv, tmp_path, "--questions", "33471,104665")
+    assert train.main(args) == 0
+    first = results(str(tmp_path), 33471)
+    calls = []
+    original = train.train_question
+    monkeypatch.setattr(train, "train_question", lambda qid, *a: calls.append(qid) or original(qid, *a))
+    assert train.main(args) == 0
+    assert calls == [] and results(str(tmp_path), 33471) == first
+    os.remove(os.path.join(tmp_path, "question_104665", "best_map3", "adapter_model.safetensors"))
+    os.remove(os.path.join(tmp_path, "question_104665", "best_map3", "adapter_config.json"))
+    assert train.main(args) == 0
+    assert calls == [104665]
+    assert train.main(args + ["--overwrite"]) == 0
+    assert calls == [104665, 33471, 104665]
+
+
+def test_one_failing_question_does_not_stop_the_others(tiny_model, train_csv, tmp_path, monkeypatch):
+    original = train.train_question
+
+    def flaky(question_id, *args):
+        if question_id == 33471:
+            raise RuntimeError("simulated CUDA error")
+        return original(question_id, *args)
+
+    monkeypatch.setattr(train, "train_question", flaky)
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471,104665")) == 1
+    failed = results(str(tmp_path), 33471)
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: simulated CUDA error"
+    assert results(str(tmp_path), 104665)["status"] == "succeeded"
+    summary = json.load(open(os.path.join(tmp_path, "summary", "all_questions_summary.json")))
+    assert (summary["succeeded"], summary["failed"]) == (1, 1)
+
+
+def test_question_absent_from_the_data_is_a_clear_error(tiny_model, train_csv, tmp_path, capsys):
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "12345")) == 2
+    assert capsys.readouterr().err.strip() == f"error: {train_csv}: no rows for QuestionId 12345"
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--train-data", "--output-dir", "--questions", "--epochs", "--max-len", "--prompt-version",
+                 "--lora-targets", "--batch-size", "--lr", "--overwrite", "--wandb"):
+        assert flag in help_text
+
+
+def test_flags_override_the_config(tmp_path):
+    config.parse_args("x", train.SETTINGS, ["--questions", "1,2", "--lora-targets", "query,value", "--lr", "0.5", "--wandb"])
+    assert config.QUESTION_IDS == [1, 2] and config.LORA_TARGET_MODULES == ["query", "value"]
+    assert config.LEARNING_RATE == 0.5 and config.USE_WANDB is True
+    assert config.get_question_model_path(7) == os.path.join(config.OUTPUT_DIR, "question_7", "best_map3")

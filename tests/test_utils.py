@@ -1,0 +1,99 @@
+"""The metric, top-k decoding, CSV validation and atomic writes."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from utils import InputError, decode_top_k, map_at_k, read_competition_csv, write_json_atomic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADER = "row_id,QuestionId,QuestionText,MC_Answer,StudentExplanation,Category,Misconception\n"
+
+
+def test_map_at_3_hand_computed():
+    truth = ["a", "b", "c", "d"]
+    predicted = [["a", "x", "y"], ["x", "b", "y"], ["x", "y", "c"], ["x", "y", "z"]]
+    assert map_at_k(truth, predicted) == pytest.approx((1 + 1 / 2 + 1 / 3 + 0) / 4)
+
+
+def test_map_at_3_counts_a_repeated_correct_label_once_and_ignores_rank_4():
+    assert map_at_k(["a"], [["a", "a", "a"]]) == 1.0
+    assert map_at_k(["a"], [["x", "a", "a"]]) == 0.5
+    assert map_at_k(["a"], [["x", "y", "z", "a"]]) == 0.0
+
+
+def test_decode_top_k_orders_by_probability():
+    classes = ["False_Neither:NA", "True_Correct:NA", "True_Neither:NA", "False_Misconception:X"]
+    probs = np.array([[0.1, 0.5, 0.3, 0.1], [0.4, 0.1, 0.2, 0.3]])
+    assert decode_top_k(probs, classes, [None, None], mask=True) == [
+        ["True_Correct:NA", "True_Neither:NA", "False_Neither:NA"],
+        ["False_Neither:NA", "False_Misconception:X", "True_Neither:NA"],
+    ]
+
+
+def test_decode_top_k_mask_puts_labels_matching_correctness_first():
+    classes = ["False_Neither:NA", "True_Correct:NA", "True_Neither:NA", "False_Misconception:X"]
+    probs = np.array([[0.7, 0.1, 0.05, 0.15], [0.05, 0.8, 0.1, 0.05]])
+    decoded = decode_top_k(probs, classes, [True, False], mask=True)
+    assert decoded[0] == ["True_Correct:NA", "True_Neither:NA", "False_Neither:NA"]
+    assert decoded[1] == ["False_Neither:NA", "False_Misconception:X", "True_Correct:NA"]
+    assert decode_top_k(probs, classes, [True, False], mask=False)[0][0] == "False_Neither:NA"
+
+
+def test_decode_top_k_fills_small_label_spaces_with_distinct_labels():
+    decoded = decode_top_k(np.ones((1, 1)), ["True_Correct:NA"], [True], True, ["True_Correct:NA", "A", "B", "C"])
+    assert decoded == [["True_Correct:NA", "A", "B"]]
+
+
+def test_csv_keeps_literal_na_and_builds_target(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text(HEADER + "1,31772,Q,A,NA,True_Correct,NA\n2,31772,Q,A,,False_Misconception,WNB\n")
+    df = read_competition_csv(str(path), labelled=True)
+    assert df["StudentExplanation"].tolist() == ["NA", ""]
+    assert df["Category:Misconception"].tolist() == ["True_Correct:NA", "False_Misconception:WNB"]
+    assert df["QuestionId"].tolist() == [31772, 31772]
+
+
+def test_csv_keeps_case_distinct_labels_apart(tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_text(HEADER + "1,31777,Q,A,x,False_Misconception,Wrong_Fraction\n2,33471,Q,A,y,False_Misconception,Wrong_fraction\n")
+    assert read_competition_csv(str(path), labelled=True)["Misconception"].nunique() == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "file not found"),
+    ("", "file is empty"),
+    ("row_id,QuestionId,QuestionText,MC_Answer\n1,2,q,a\n", "missing column(s) StudentExplanation, Category, Misconception"),
+    (HEADER, "no data rows"),
+    (HEADER + "1,abc,Q,A,x,True_Correct,NA\n", "column QuestionId has non-integer value 'abc' (row_id 1)"),
+    (HEADER + "1,5,Q,A,x,True_Correct,NA\n1,5,Q,A,y,True_Correct,NA\n", "column row_id has duplicate value(s) 1"),
+    (HEADER + "1,5,Q,A,x,Maybe_Correct,NA\n", "column Category has unknown value 'Maybe_Correct' (row_id 1)"),
+    (HEADER + "1,5,Q,A,x,True_Correct,\n", "column Misconception is empty (row_id 1); use NA for none"),
+])
+def test_bad_csv_is_a_one_line_error_naming_file_and_column(tmp_path, content, message):
+    path = tmp_path / "train.csv"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(InputError) as error:
+        read_competition_csv(str(path), labelled=True)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_scripts_report_bad_input_in_one_line_without_traceback(tmp_path):
+    missing = tmp_path / "nope.csv"
+    for script, flag in (("train.py", "--train-data"), ("submit.py", "--test-data")):
+        run = subprocess.run([sys.executable, script, flag, str(missing)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 2
+        assert run.stderr.strip().splitlines()[-1] == f"error: {missing}: file not found"
+        assert "Traceback" not in run.stderr
+
+
+def test_write_json_atomic_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "x.json"
+    write_json_atomic(str(path), {"a": 1})
+    write_json_atomic(str(path), {"b": 2})
+    assert json.loads(path.read_text()) == {"b": 2}
+    assert os.listdir(path.parent) == ["x.json"]

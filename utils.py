@@ -1,0 +1,263 @@
+"""Shared by train.py and submit.py: data I/O and validation, labels, the metric, and model loading."""
+import json
+import logging
+import os
+import tempfile
+
+import joblib
+import numpy as np
+import pandas as pd
+import torch
+import transformers
+from sklearn.preprocessing import LabelEncoder
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from prompt_utils import CATEGORIES, answer_is_correct
+
+log = logging.getLogger("map")
+
+TOP_K = 3
+INPUT_COLUMNS = ["row_id", "QuestionId", "QuestionText", "MC_Answer", "StudentExplanation"]
+LABEL_COLUMNS = ["Category", "Misconception"]
+TARGET_COLUMN = "Category:Misconception"
+HEAD_NAMES = ("score", "classifier")
+
+
+class InputError(Exception):
+    """A problem with the user's files or settings: reported as one line, without a traceback."""
+
+
+def setup_logging(log_file=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    transformers.logging.set_verbosity_error()
+    if log_file:
+        os.makedirs(os.path.dirname(log_file), exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+        return handler
+    return None
+
+
+# ---------------------------------------------------------------- data
+
+def read_competition_csv(path, labelled):
+    """Read a competition CSV, keeping the literal string NA; raise InputError naming what is wrong."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise InputError(f"{path}: file is empty")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not a readable CSV ({str(error).splitlines()[0]})") from None
+    required = INPUT_COLUMNS + (LABEL_COLUMNS if labelled else [])
+    missing = [column for column in required if column not in df.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    if labelled and df.empty:
+        raise InputError(f"{path}: no data rows")
+    bad_ids = df.loc[~df["QuestionId"].str.strip().str.fullmatch(r"\d+"), ["row_id", "QuestionId"]]
+    if len(bad_ids):
+        first = bad_ids.iloc[0]
+        raise InputError(f"{path}: column QuestionId has non-integer value {first.QuestionId!r} (row_id {first.row_id})")
+    df["QuestionId"] = df["QuestionId"].astype(int)
+    duplicated = df.loc[df["row_id"].duplicated(), "row_id"]
+    if len(duplicated):
+        raise InputError(f"{path}: column row_id has duplicate value(s) {', '.join(duplicated.unique()[:5])}")
+    if labelled:
+        bad = df.loc[~df["Category"].isin(CATEGORIES)]
+        if len(bad):
+            raise InputError(f"{path}: column Category has unknown value {bad.iloc[0].Category!r} (row_id {bad.iloc[0].row_id})")
+        empty = df.loc[df["Misconception"].str.strip() == ""]
+        if len(empty):
+            raise InputError(f"{path}: column Misconception is empty (row_id {empty.iloc[0].row_id}); use NA for none")
+        df[TARGET_COLUMN] = df["Category"] + ":" + df["Misconception"]
+    return df
+
+
+def correctness_of(df):
+    """Per row: True/False whether MC_Answer is the question's correct answer, None for unknown questions."""
+    return [answer_is_correct(qid, answer) for qid, answer in zip(df["QuestionId"], df["MC_Answer"])]
+
+
+def write_json_atomic(path, data):
+    """Write JSON so that readers never see a half-written file (a crash leaves the old one)."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as handle:
+        json.dump(data, handle, indent=2, sort_keys=True)
+    os.replace(handle.name, path)
+
+
+def read_json(path):
+    with open(path) as handle:
+        return json.load(handle)
+
+
+# ---------------------------------------------------------------- labels and metric
+
+def fit_label_encoder(labels, path):
+    encoder = LabelEncoder().fit(labels)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    joblib.dump(encoder, path)
+    return encoder
+
+
+def map_at_k(true_labels, predicted, k=TOP_K):
+    """Competition MAP@k for one true label per row: 1/rank of its first appearance in the top k."""
+    if len(true_labels) == 0:
+        return 0.0
+    total = 0.0
+    for truth, ranked in zip(true_labels, predicted):
+        ranked = list(ranked)[:k]
+        if truth in ranked:
+            total += 1.0 / (ranked.index(truth) + 1)
+    return total / len(true_labels)
+
+
+def softmax(logits):
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
+    """Top-k labels per row, as lists of k distinct strings.
+
+    With `mask`, labels whose True_/False_ prefix contradicts the row's answer correctness (`correct`:
+    True/False/None per row) rank below all others. Rows of fewer than k classes are filled from
+    `fill_labels` (most frequent first).
+    """
+    classes = np.asarray(classes)
+    scores = np.asarray(probs, dtype=np.float64).copy()
+    if mask:
+        is_true_label = np.char.startswith(classes.astype(str), "True_")
+        for row, verdict in enumerate(correct):
+            if verdict is not None:
+                scores[row] += 2.0 * (is_true_label == verdict)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    decoded = []
+    for row_order in order:
+        labels = list(classes[row_order])
+        labels += [label for label in fill_labels if label not in labels][: k - len(labels)]
+        decoded.append(labels)
+    return decoded
+
+
+# ---------------------------------------------------------------- models
+
+def resolve_precision(setting, device):
+    """bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU; an explicit setting wins."""
+    device = torch.device(device)
+    if setting != "auto":
+        if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+        return setting
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def load_tokenizer(name, offline=False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
+    except OSError as error:
+        raise InputError(f"--model {name}: cannot load tokenizer ({str(error).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_base_model(name, tokenizer, dtype, device, offline=False):
+    """The base model with a placeholder head; `replace_head` gives it each question's head."""
+    # transformers 5 renamed torch_dtype to dtype; 4.51 knows only torch_dtype.
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, num_labels=2, local_files_only=offline, **{dtype_key: dtype}
+        )
+    except OSError as error:
+        raise InputError(f"--model {name}: cannot load model ({str(error).splitlines()[0]})") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device)
+
+
+def head_name(model):
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), torch.nn.Linear):
+            return name
+    raise InputError(f"{type(model).__name__}: no classification head named {' or '.join(HEAD_NAMES)}")
+
+
+def replace_head(model, num_labels):
+    """Give the model a freshly initialised head of num_labels outputs (sizes differ between questions)."""
+    name = head_name(model)
+    old = getattr(model, name)
+    new = torch.nn.Linear(old.in_features, num_labels, bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device)
+    torch.nn.init.normal_(new.weight, std=getattr(model.config, "initializer_range", 0.02))
+    if new.bias is not None:
+        torch.nn.init.zeros_(new.bias)
+    setattr(model, name, new)
+    model.config.num_labels = num_labels
+    return name
+
+
+@torch.inference_mode()
+def predict_logits(model, input_ids, collator, batch_size, precision):
+    """Logits for each row (in input order), batches built from rows sorted by length to minimise padding."""
+    device = next(model.parameters()).device
+    order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
+    was_training = model.training
+    model.eval()
+    outputs = np.zeros((len(input_ids), model.config.num_labels), dtype=np.float32)
+    autocast = torch.autocast(device.type, dtype=TORCH_DTYPES[precision], enabled=precision != "fp32")
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = collator([{"input_ids": input_ids[i]} for i in rows]).to(device)
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        outputs[rows] = logits.float().cpu().numpy()
+    model.train(was_training)
+    return outputs
+
+
+def attach_lora(base_model, lora_config, num_labels, trainable=True):
+    """Wrap the base model in place with LoRA layers and a fresh head; `model.unload()` gives it back clean.
+
+    Trainable weights are kept in fp32 (optimizer, fp16 grad scaling); for inference everything takes
+    the base model's dtype.
+    """
+    replace_head(base_model, num_labels)
+    model = get_peft_model(base_model, lora_config, autocast_adapter_dtype=trainable)
+    if trainable:
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+    return model
+
+
+def load_adapter(base_model, adapter_dir, num_labels):
+    """Attach a saved adapter and head to the shared base model.
+
+    The weights are read and checked before the base model is touched, so a missing or corrupt adapter
+    raises without leaving LoRA layers behind.
+    """
+    state_dict = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    lora_config = LoraConfig.from_pretrained(adapter_dir)
+    heads = {key: value for key, value in state_dict.items() if key.split(".")[-2] in HEAD_NAMES and key.endswith("weight")}
+    if not heads or any(value.shape[0] != num_labels for value in heads.values()):
+        raise ValueError(f"{adapter_dir}: head does not have {num_labels} outputs")
+    model = attach_lora(base_model, lora_config, num_labels, trainable=False)
+    try:
+        result = set_peft_model_state_dict(model, state_dict)
+        if result.unexpected_keys:
+            raise ValueError(f"{adapter_dir}: unexpected weights {result.unexpected_keys[:3]}")
+    except Exception:
+        model.unload()
+        raise
+    return model.eval()
