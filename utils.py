@@ -204,6 +204,8 @@ def replace_head(model, num_labels):
         torch.nn.init.zeros_(new.bias)
     setattr(model, name, new)
     model.config.num_labels = num_labels
+    if hasattr(model, "num_labels"):  # BERT's loss reads the attribute, Qwen3's the config
+        model.num_labels = num_labels
     return name
 
 

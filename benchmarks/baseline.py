@@ -1,0 +1,48 @@
+"""TF-IDF + logistic regression per question, on train.py's own validation split.
+
+The bar a fine-tuned model has to clear: `python benchmarks/baseline.py --train-data train.csv --questions 33471,109465`
+prints validation MAP@3 per question and row-weighted overall, with the same correctness mask as train.py.
+"""
+import os
+import sys
+
+import numpy as np
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
+from train import split_rows  # noqa: E402
+from utils import TARGET_COLUMN, correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
+
+
+def baseline_map3(rows, train_idx, val_idx):
+    text = (rows["MC_Answer"] + " || " + rows["StudentExplanation"]).to_numpy()
+    labels = rows[TARGET_COLUMN].to_numpy()
+    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=10, max_iter=3000))
+    model.fit(text[train_idx], labels[train_idx])
+    probs = model.predict_proba(text[val_idx])
+    correct = correctness_of(rows.iloc[val_idx])
+    return {mask: map_at_k(labels[val_idx], decode_top_k(probs, model.classes_, correct, mask)) for mask in (True, False)}
+
+
+def main(argv=None):
+    config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "QUESTION_IDS", "VAL_FRACTION", "SEED"], argv)
+    df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
+    scores, weights = [], []
+    for question_id in config.QUESTION_IDS:
+        rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
+        if rows[TARGET_COLUMN].nunique() < 2:
+            continue
+        train_idx, val_idx = split_rows(rows, config.SEED)
+        score = baseline_map3(rows, train_idx, val_idx)
+        scores.append([score[True], score[False]])
+        weights.append(len(val_idx))
+        print(f"question {question_id}: val rows {len(val_idx)}, MAP@3 {score[True]:.4f} (unmasked {score[False]:.4f})")
+    overall = np.average(scores, axis=0, weights=weights)
+    print(f"overall (row-weighted): MAP@3 {overall[0]:.4f} (unmasked {overall[1]:.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""submit.py: round trip, adapter swapping, the correctness mask and every fallback."""
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import transformers
+
+import config
+import submit
+from conftest import SINGLE_CLASS_QUESTION
+from prompt_utils import answer_is_correct
+from utils import TORCH_DTYPES, load_adapter, load_base_model, load_tokenizer, predict_logits, read_json
+
+TRAINED = [31772, 33471, 104665]
+
+
+def run_submit(trained, tiny_model, test_csv, tmp_path, *extra):
+    path = tmp_path / "submission.csv"
+    code = submit.main(["--model", tiny_model, "--test-data", test_csv, "--output-dir", trained["output_dir"],
+                        "--submission", str(path), *extra])
+    return code, path
+
+
+def read_submission(path):
+    return pd.read_csv(path, keep_default_na=False, dtype=str)
+
+
+def test_round_trip_writes_every_row_in_order_with_three_distinct_labels(trained, tiny_model, test_csv, tmp_path):
+    code, path = run_submit(trained, tiny_model, test_csv, tmp_path)
+    assert code == 0
+    test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
+    written = read_submission(path)
+    assert list(written.columns) == ["row_id", "Category:Misconception"]
+    assert written["row_id"].tolist() == test["row_id"].tolist()
+    for question_id, labels in zip(test["QuestionId"].astype(int), written["Category:Misconception"].str.split()):
+        assert len(set(labels)) == 3
+        classes = read_json(os.path.join(trained["output_dir"], "summary", f"question_{question_id}_results.json"))["classes"]
+        if len(classes) >= 3:
+            assert set(labels) <= set(classes), (question_id, labels)
+
+
+def test_the_base_model_is_loaded_once(trained, tiny_model, test_csv, tmp_path, monkeypatch):
+    loads = []
+    original = transformers.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or original(*a, **k))
+    assert run_submit(trained, tiny_model, test_csv, tmp_path)[0] == 0
+    assert len(loads) == 1
+
+
+def test_swapped_adapters_predict_as_each_adapter_alone(trained, tiny_model, test_csv):
+    config.update({"OUTPUT_DIR": trained["output_dir"], "MODEL_NAME": tiny_model})
+    test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
+    test["QuestionId"] = test["QuestionId"].astype(int)
+    tokenizer = load_tokenizer(tiny_model)
+    shared = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
+    results = submit.question_results(TRAINED)
+    for question_id in TRAINED + TRAINED[::-1]:
+        rows = test[test["QuestionId"] == question_id]
+        fill = ["x", "y", "z"]
+        swapped = shared.predict(question_id, rows, results[question_id], fill)
+        alone = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
+        assert swapped == alone.predict(question_id, rows, results[question_id], fill)
+
+
+def test_swapping_leaves_the_base_model_unchanged(trained, tiny_model):
+    tokenizer = load_tokenizer(tiny_model)
+    base = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
+    before = {name: value.clone() for name, value in base.state_dict().items() if "score" not in name}
+    classes = read_json(os.path.join(trained["output_dir"], "summary", "question_31772_results.json"))["classes"]
+    model = load_adapter(base, os.path.join(trained["output_dir"], "question_31772", "best_map3"), len(classes))
+    logits = predict_logits(model, [[1, 2, 3]], submit.build_data_collator(tokenizer), 1, "fp32")
+    assert logits.shape == (1, len(classes))
+    restored = model.unload()
+    after = {name: value for name, value in restored.state_dict().items() if "score" not in name}
+    assert after.keys() == before.keys()
+    assert all((after[name] == before[name]).all() for name in before)
+
+
+def test_correctness_mask_keeps_predictions_on_the_side_of_the_answer(trained, tiny_model, test_csv, tmp_path):
+    test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
+    masked = read_submission(run_submit(trained, tiny_model, test_csv, tmp_path)[1])
+    unmasked = read_submission(run_submit(trained, tiny_model, test_csv, tmp_path, "--no-correctness-mask")[1])
+    for row, labels in zip(test.itertuples(), masked["Category:Misconception"].str.split()):
+        if int(row.QuestionId) == SINGLE_CLASS_QUESTION:  # its one class comes first, whatever the answer
+            assert labels[0] == "True_Correct:NA"
+            continue
+        verdict = answer_is_correct(int(row.QuestionId), row.MC_Answer)
+        assert labels[0].startswith("True_" if verdict else "False_")
+    assert (masked["Category:Misconception"] != unmasked["Category:Misconception"]).any()
+
+
+def copy_run(trained, tmp_path):
+    output_dir = tmp_path / "run"
+    shutil.copytree(trained["output_dir"], output_dir)
+    return {"output_dir": str(output_dir)}
+
+
+def frequency_top3(run, question_id, correct):
+    counts = read_json(os.path.join(run["output_dir"], "summary", f"question_{question_id}_results.json"))["label_counts"]
+    prefix = "True_" if correct else "False_"
+    ranked = sorted(counts, key=lambda label: (not label.startswith(prefix), -counts[label]))
+    return ranked[:3]
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
+def test_broken_adapter_falls_back_to_label_frequencies(trained, tiny_model, test_csv, tmp_path, damage, caplog):
+    run = copy_run(trained, tmp_path)
+    adapter = os.path.join(run["output_dir"], "question_31772", "best_map3")
+    if damage == "deleted":
+        shutil.rmtree(adapter)
+    else:
+        with open(os.path.join(adapter, "adapter_model.safetensors"), "r+b") as handle:
+            handle.write(b"garbage" * 10)
+    code, path = run_submit(run, tiny_model, test_csv, tmp_path)
+    assert code == 0
+    assert "question 31772: model unusable" in caplog.text
+    test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
+    written = read_submission(path)
+    rows = test["QuestionId"] == "31772"
+    for answer, labels in zip(test.loc[rows, "MC_Answer"], written.loc[rows, "Category:Misconception"]):
+        assert labels.split() == frequency_top3(run, 31772, answer_is_correct(31772, answer))
+    other = test["QuestionId"] == "33471"
+    reference = read_submission(run_submit(trained, tiny_model, test_csv, tmp_path)[1])
+    assert written.loc[other].equals(reference.loc[other])
+
+
+def test_unseen_question_and_single_class_question(trained, tiny_model, tmp_path, caplog):
+    test = pd.DataFrame({"row_id": ["a", "b", "c"], "QuestionId": [999, SINGLE_CLASS_QUESTION, 999],
+                         "QuestionText": "q", "MC_Answer": ["x", "Likely", "y"], "StudentExplanation": ["e", "f", ""]})
+    test_path = tmp_path / "test.csv"
+    test.to_csv(test_path, index=False)
+    code, path = run_submit(trained, tiny_model, str(test_path), tmp_path)
+    assert code == 0
+    written = read_submission(path)
+    assert written["row_id"].tolist() == ["a", "b", "c"]
+    labels = written["Category:Misconception"].str.split().tolist()
+    assert labels[1][0] == "True_Correct:NA" and len(set(labels[1])) == 3
+    assert labels[0] == labels[2] and labels[0][0] == "True_Correct:NA" and len(set(labels[0])) == 3
+    assert "question 999: no trained model; using global label frequencies" in caplog.text
+
+
+def test_two_devices_predict_the_same_as_one(trained, tiny_model, test_csv):
+    config.update({"OUTPUT_DIR": trained["output_dir"], "MODEL_NAME": tiny_model})
+    test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
+    test["QuestionId"] = test["QuestionId"].astype(int)
+    assert submit.predict(test, ["cpu", "cpu"]) == submit.predict(test, ["cpu"])
+
+
+def test_balance_spreads_rows_evenly():
+    groups = [(q, [0] * n) for q, n in [(1, 90), (2, 50), (3, 40), (4, 10)]]
+    loads = sorted(sum(len(rows) for _, rows in work) for work in submit.balance(groups, 2))
+    assert loads == [90, 100]
+
+
+def test_empty_test_writes_only_the_header(trained, tiny_model, tmp_path):
+    test_path = tmp_path / "test.csv"
+    test_path.write_text("row_id,QuestionId,QuestionText,MC_Answer,StudentExplanation\n")
+    code, path = run_submit(trained, tiny_model, str(test_path), tmp_path)
+    assert code == 0 and path.read_text() == "row_id,Category:Misconception\n"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("row_id,QuestionId,QuestionText,MC_Answer,StudentExplanation\n1,31772,q,a,e\n1,31772,q,a,f\n", "column row_id has duplicate value(s) 1"),
+    ("row_id,QuestionId,QuestionText,MC_Answer\n1,31772,q,a\n", "missing column(s) StudentExplanation"),
+])
+def test_malformed_test_csv_is_a_clear_error(trained, tiny_model, tmp_path, capsys, content, message):
+    test_path = tmp_path / "test.csv"
+    test_path.write_text(content)
+    code, path = run_submit(trained, tiny_model, str(test_path), tmp_path)
+    assert code == 2 and not path.exists()
+    assert capsys.readouterr().err.strip() == f"error: {test_path}: {message}"
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit):
+        submit.main(["--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--model", "--test-data", "--output-dir", "--submission", "--checkpoint", "--batch-size", "--questions"):
+        assert flag in help_text
