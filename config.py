@@ -39,12 +39,19 @@ GRADIENT_CHECKPOINTING = False
 PAD_TO_MULTIPLE_OF = 0
 PRECISION = "auto"
 OVERWRITE = False
+FOLDS = 1
 
 # LoRA
 LORA_RANK = 64
 LORA_ALPHA = 128
 LORA_DROPOUT = 0.05
 LORA_TARGET_MODULES = ["q_proj", "v_proj", "k_proj", "o_proj"]
+
+# Parallel runs
+GPUS = "all"
+WORKERS = 0
+SHARD = "1/1"
+SUMMARIZE_ONLY = False
 
 # Inference
 CHECKPOINT = "best_map3"
@@ -86,6 +93,11 @@ HELP = {
     "PAD_TO_MULTIPLE_OF": "pad batches to a multiple of this many tokens (0: longest row only)",
     "PRECISION": "auto (bf16 where supported, fp16 on other GPUs, fp32 on CPU), bf16, fp16 or fp32",
     "OVERWRITE": "retrain questions whose results already exist",
+    "FOLDS": "1: one train/validation split; K > 1: K-fold with out-of-fold predictions and a fold ensemble",
+    "GPUS": "GPUs to use, e.g. 0,1 (all: every visible GPU); one worker process per GPU",
+    "WORKERS": "worker processes (0: one per GPU, 1 on CPU)",
+    "SHARD": "K/N: train only the K-th of N size-balanced partitions of the questions",
+    "SUMMARIZE_ONLY": "only rebuild the summary from the question results on disk",
     "LORA_RANK": "LoRA rank r",
     "LORA_ALPHA": "LoRA alpha",
     "LORA_DROPOUT": "LoRA dropout",
@@ -123,6 +135,11 @@ FLAGS = {
     "PAD_TO_MULTIPLE_OF": "--pad-to-multiple-of",
     "PRECISION": "--precision",
     "OVERWRITE": "--overwrite",
+    "FOLDS": "--folds",
+    "GPUS": "--gpus",
+    "WORKERS": "--workers",
+    "SHARD": "--shard",
+    "SUMMARIZE_ONLY": "--summarize-only",
     "LORA_RANK": "--lora-rank",
     "LORA_ALPHA": "--lora-alpha",
     "LORA_DROPOUT": "--lora-dropout",
@@ -148,8 +165,12 @@ def get_question_output_dir(question_id):
     return os.path.join(OUTPUT_DIR, f"question_{question_id}")
 
 
-def get_question_model_path(question_id, checkpoint=None):
-    return os.path.join(get_question_output_dir(question_id), checkpoint or CHECKPOINT)
+def get_question_model_path(question_id, checkpoint=None, fold=None):
+    """question_<id>/<checkpoint>, or question_<id>/fold_<k>/<checkpoint> in a K-fold run."""
+    folder = get_question_output_dir(question_id)
+    if fold is not None:
+        folder = os.path.join(folder, f"fold_{fold}")
+    return os.path.join(folder, checkpoint or CHECKPOINT)
 
 
 def get_question_label_encoder_path(question_id):

@@ -8,6 +8,7 @@ A question without a usable model falls back to its training label frequencies, 
 import copy
 import os
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import joblib
@@ -70,16 +71,29 @@ class Predictor:
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
     def predict(self, question_id, rows, result, fill):
-        """Top-3 labels per row; raises when the question's model cannot be used."""
+        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without
+        --folds); raises when none of them can be used."""
         classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
         input_ids, _ = encode_prompts(rows, self.tokenizer, result.get("prompt_version", config.PROMPT_VERSION),
                                       result.get("max_len", config.MAX_LEN))
-        model = load_adapter(self.base_model, config.get_question_model_path(question_id), len(classes))
-        try:
-            logits = predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)
-        finally:
-            model.unload()
-        return decode_top_k(softmax(logits), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+        folds = result.get("folds", 1)
+        probs = []
+        for fold in [None] if folds == 1 else range(folds):
+            path = config.get_question_model_path(question_id, fold=fold)
+            try:
+                model = load_adapter(self.base_model, path, len(classes))
+            except Exception as error:
+                if folds == 1:
+                    raise
+                log.warning("question %s: skipping %s (%s: %s)", question_id, path, type(error).__name__, error)
+                continue
+            try:
+                probs.append(softmax(predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)))
+            finally:
+                model.unload()
+        if not probs:
+            raise ValueError(f"no usable fold model under {config.get_question_output_dir(question_id)}")
+        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
 
 
 def predict_group(predictor, question_id, rows, results):
@@ -167,12 +181,15 @@ def main(argv=None):
             from demo.synthetic import prepare_demo
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
+        started = time.time()
         predictions = predict(test_df)
+        seconds = time.time() - started
         write_submission(config.SUBMISSION_PATH, test_df["row_id"], predictions)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    log.info("wrote %s: %d rows", config.SUBMISSION_PATH, len(test_df))
+    log.info("wrote %s: %d rows, predicted in %.1f s (%.0f rows/s, model loading included)",
+             config.SUBMISSION_PATH, len(test_df), seconds, len(test_df) / max(seconds, 1e-9))
     return 0
 
 

@@ -1,13 +1,16 @@
 """Train one LoRA sequence classifier per QuestionId.
 
-For each question: its rows, its own label encoder, a stratified train/validation split inside the question,
-LoRA fine-tuning with evaluation by MAP@3, `best_map3/` (best validation MAP@3) and `best/` (final model).
-The base model is loaded once and each question's LoRA layers are removed after it, so start-up is paid once.
+For each question: its rows, its own label encoder, a stratified train/validation split inside the question
+(or K folds), LoRA fine-tuning with evaluation by MAP@3, `best_map3/` (best validation MAP@3) and `best/`
+(final model). The base model is loaded once per process and each question's LoRA layers are removed after
+it, so start-up is paid once. Questions are independent: with several GPUs one worker process per GPU takes
+them from a shared queue, longest first; `--shard K/N` splits them over machines.
 
     python train.py --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
 import logging
 import math
+import multiprocessing
 import os
 import resource
 import shutil
@@ -17,6 +20,7 @@ import traceback
 import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 from peft import LoraConfig, TaskType
 from sklearn.model_selection import StratifiedGroupKFold
@@ -35,28 +39,30 @@ SETTINGS = [
     "WARMUP_RATIO", "LR_SCHEDULER", "VAL_FRACTION", "SEED", "EVAL_STEPS", "LOGGING_STEPS",
     "GRADIENT_CHECKPOINTING", "PAD_TO_MULTIPLE_OF", "PRECISION", "OVERWRITE", "LORA_RANK", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB", "WANDB_PROJECT", "DEMO",
-    "DEMO_OUTPUT_DIR", "TEST_DATA_PATH",
+    "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD", "SUMMARIZE_ONLY",
 ]
 
 
-def split_rows(rows, seed):
-    """Indices (train, val): stratified by label, repeated texts kept on one side.
+def fold_splits(rows, folds, seed):
+    """[(train indices, validation indices)] per fold: stratified by label, repeated texts on one side.
 
-    Classes with a single row cannot be stratified; they stay in training.
+    folds=1 holds out VAL_FRACTION of the rows once; there, a class with a single row stays in training.
     """
-    n_splits = max(2, round(1 / config.VAL_FRACTION))
+    n_splits = folds if folds > 1 else max(2, round(1 / config.VAL_FRACTION))
     labels = rows[TARGET_COLUMN].to_numpy()
     groups = (rows["MC_Answer"] + "\x00" + rows["StudentExplanation"].str.strip().str.lower()).to_numpy()
     if len(set(groups)) < n_splits:
-        raise InputError(f"question {rows['QuestionId'].iloc[0]}: {len(set(groups))} distinct texts, too few for --val-fraction {config.VAL_FRACTION}")
+        raise InputError(f"question {rows['QuestionId'].iloc[0]}: {len(set(groups))} distinct texts, too few for {n_splits} folds")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "least populated class has only n members"
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        train_idx, val_idx = next(splitter.split(np.zeros(len(rows)), labels, groups))
+        splits = list(splitter.split(np.zeros(len(rows)), labels, groups))
+    if folds > 1:
+        return splits
+    train_idx, val_idx = splits[0]
     counts = rows[TARGET_COLUMN].value_counts()
     singletons = np.isin(labels[val_idx], counts[counts < 2].index)
-    train_idx = np.sort(np.concatenate([train_idx, val_idx[singletons]]))
-    return train_idx, val_idx[~singletons]
+    return [(np.sort(np.concatenate([train_idx, val_idx[singletons]])), val_idx[~singletons])]
 
 
 def save_adapter(model, path):
@@ -83,10 +89,11 @@ class MapTrainer(Trainer):
         self.precision = precision
         self.best_map3_dir = best_map3_dir
         self.best = {"map3": -1.0}
+        self.best_probs = self.last_probs = None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         logits = predict_logits(self.model, self.val_input_ids, self.data_collator, self.args.per_device_eval_batch_size, self.precision)
-        probs = softmax(logits)
+        probs = self.last_probs = softmax(logits)
         truth = [self.classes[i] for i in self.val_labels]
         metrics = {
             f"{metric_key_prefix}_loss": float(-np.log(probs[np.arange(len(probs)), self.val_labels] + 1e-12).mean()),
@@ -96,18 +103,19 @@ class MapTrainer(Trainer):
         if metrics[f"{metric_key_prefix}_map3"] > self.best["map3"]:
             self.best = {"map3": metrics[f"{metric_key_prefix}_map3"], "step": self.state.global_step,
                          "map3_unmasked": metrics[f"{metric_key_prefix}_map3_unmasked"]}
+            self.best_probs = probs
             save_adapter(self.model, self.best_map3_dir)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
 
-def training_arguments(question_id, n_train, precision):
+def training_arguments(output_dir, n_train, precision):
     steps_per_epoch = math.ceil(n_train / (config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS))
     total_steps = steps_per_epoch * config.EPOCHS
     eval_steps = config.EVAL_STEPS if config.EVAL_STEPS >= 1 else max(1, round(config.EVAL_STEPS * total_steps))
     kwargs = dict(
-        output_dir=os.path.join(config.get_question_output_dir(question_id), "trainer"),
+        output_dir=output_dir,
         num_train_epochs=config.EPOCHS,
         per_device_train_batch_size=config.TRAIN_BATCH_SIZE,
         per_device_eval_batch_size=config.EVAL_BATCH_SIZE,
@@ -138,38 +146,20 @@ def training_arguments(question_id, n_train, precision):
     return TrainingArguments(**kwargs)
 
 
-def train_question(question_id, rows, tokenizer, base_model, precision):
-    """Train one question; return its results (the summary entry). The base model is left clean."""
-    out_dir = config.get_question_output_dir(question_id)
-    encoder = fit_label_encoder(rows[TARGET_COLUMN], config.get_question_label_encoder_path(question_id))
-    classes = list(encoder.classes_)
-    result = {"question_id": question_id, "classes": classes, "num_classes": len(classes),
-              "label_counts": rows[TARGET_COLUMN].value_counts().to_dict(), "rows": len(rows)}
-    if len(classes) <= 1:
-        message = f"Warning: Question {question_id} has only {len(classes)} class(es). Skipping..."
-        print(message, flush=True)
-        return {**result, "status": "skipped", "reason": message}
-
-    train_idx, val_idx = split_rows(rows, config.SEED)
-    input_ids, prompt_stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
-    log.info("question %s: %d rows (%d train, %d val), %d classes; prompt tokens mean %.0f p95 %.0f max %d, "
-             "context shortened in %d rows", question_id, len(rows), len(train_idx), len(val_idx), len(classes),
-             prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
-    labels = encoder.transform(rows[TARGET_COLUMN])
-    correct = correctness_of(rows)
-
-    set_seed(config.SEED)
+def train_fold(question_id, fold, input_ids, labels, correct, classes, train_idx, val_idx, tokenizer, base_model, precision):
+    """Fine-tune on train_idx, evaluate on val_idx; save best_map3/ and best/. The base model is left clean."""
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=config.LORA_RANK, lora_alpha=config.LORA_ALPHA,
         lora_dropout=config.LORA_DROPOUT, target_modules=config.LORA_TARGET_MODULES,
     )
+    set_seed(config.SEED)
     model = attach_lora(base_model, lora_config, len(classes))
+    work_dir = os.path.join(config.get_question_output_dir(question_id), "trainer")
     try:
-        collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
         trainer = MapTrainer(
             model=model,
-            args=training_arguments(question_id, len(train_idx), precision),
-            data_collator=collator,
+            args=training_arguments(work_dir, len(train_idx), precision),
+            data_collator=build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF),
             train_dataset=[{"input_ids": input_ids[i], "labels": int(labels[i])} for i in train_idx],
             eval_dataset=[{"input_ids": input_ids[i], "labels": int(labels[i])} for i in val_idx],
             val_input_ids=[input_ids[i] for i in val_idx],
@@ -177,23 +167,84 @@ def train_question(question_id, rows, tokenizer, base_model, precision):
             val_correct=[correct[i] for i in val_idx],
             classes=classes,
             precision=precision,
-            best_map3_dir=os.path.join(out_dir, "best_map3"),
+            best_map3_dir=config.get_question_model_path(question_id, "best_map3", fold),
         )
         trainer.train()
         evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_map3" in entry]
-        final = trainer.evaluate() if not evaluated or evaluated[-1] != trainer.state.global_step else \
-            next(e for e in reversed(trainer.state.log_history) if "eval_map3" in e)
-        save_adapter(model, os.path.join(out_dir, "best"))
-        write_json_atomic(os.path.join(config.get_question_log_dir(question_id), "log_history.json"), trainer.state.log_history)
+        if not evaluated or evaluated[-1] != trainer.state.global_step:
+            trainer.evaluate()
+        final = next(entry for entry in reversed(trainer.state.log_history) if "eval_map3" in entry)
+        save_adapter(model, config.get_question_model_path(question_id, "best", fold))
+        log_name = "log_history.json" if fold is None else f"log_history_fold_{fold}.json"
+        write_json_atomic(os.path.join(config.get_question_log_dir(question_id), log_name), trainer.state.log_history)
     finally:
         model.unload()
-        shutil.rmtree(os.path.join(out_dir, "trainer"), ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
     return {
-        **result, "status": "succeeded",
         "best_map3": trainer.best["map3"], "best_map3_unmasked": trainer.best["map3_unmasked"],
         "best_step": trainer.best["step"], "final_map3": final["eval_map3"],
         "final_map3_unmasked": final["eval_map3_unmasked"], "steps": trainer.state.global_step,
-        "train_rows": len(train_idx), "val_rows": len(val_idx), "prompt_stats": prompt_stats,
+        "train_rows": len(train_idx), "val_rows": len(val_idx),
+    }, {"best_map3": trainer.best_probs, "best": trainer.last_probs}
+
+
+def write_oof(question_id, rows, classes, labels, correct, folds, probs_by_checkpoint):
+    """Save out-of-fold probabilities per checkpoint; return their MAP@3 (masked and not)."""
+    scores = {}
+    truth = [classes[i] for i in labels]
+    for checkpoint, probs in probs_by_checkpoint.items():
+        table = pd.DataFrame(probs, columns=classes)
+        table.insert(0, "row_id", rows["row_id"].to_numpy())
+        table.insert(1, "fold", folds)
+        table.insert(2, "label", truth)
+        table.to_csv(os.path.join(config.get_question_output_dir(question_id), f"oof_{checkpoint}.csv"), index=False)
+        for mask in (True, False):
+            key = f"{checkpoint}_oof_map3" + ("" if mask else "_unmasked")
+            scores[key] = map_at_k(truth, decode_top_k(probs, classes, correct, mask))
+    return scores
+
+
+def train_question(question_id, rows, tokenizer, base_model, precision):
+    """Train one question (one split or K folds); return its results, the summary entry."""
+    encoder = fit_label_encoder(rows[TARGET_COLUMN], config.get_question_label_encoder_path(question_id))
+    classes = list(encoder.classes_)
+    result = {"question_id": question_id, "classes": classes, "num_classes": len(classes), "folds": config.FOLDS,
+              "label_counts": rows[TARGET_COLUMN].value_counts().to_dict(), "rows": len(rows)}
+    if len(classes) <= 1:
+        message = f"Warning: Question {question_id} has only {len(classes)} class(es). Skipping..."
+        print(message, flush=True)
+        return {**result, "status": "skipped", "reason": message}
+
+    splits = fold_splits(rows, config.FOLDS, config.SEED)
+    input_ids, prompt_stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
+    log.info("question %s: %d rows, %d classes, %s; prompt tokens mean %.0f p95 %.0f max %d, context shortened "
+             "in %d rows", question_id, len(rows), len(classes),
+             f"{len(splits[0][0])} train / {len(splits[0][1])} val" if config.FOLDS == 1 else f"{config.FOLDS} folds",
+             prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
+    labels = encoder.transform(rows[TARGET_COLUMN])
+    correct = correctness_of(rows)
+    if config.FOLDS == 1:
+        fold_result, _ = train_fold(question_id, None, input_ids, labels, correct, classes, *splits[0], tokenizer, base_model, precision)
+        return {**result, **fold_result, "status": "succeeded", "prompt_stats": prompt_stats}
+
+    fold_of_row = np.zeros(len(rows), dtype=int)
+    oof = {checkpoint: np.zeros((len(rows), len(classes))) for checkpoint in ("best_map3", "best")}
+    fold_results = []
+    for fold, (train_idx, val_idx) in enumerate(splits):
+        fold_result, probs = train_fold(question_id, fold, input_ids, labels, correct, classes, train_idx, val_idx,
+                                        tokenizer, base_model, precision)
+        fold_results.append(fold_result)
+        fold_of_row[val_idx] = fold
+        for checkpoint in oof:
+            oof[checkpoint][val_idx] = probs[checkpoint]
+        log.info("question %s fold %d: best MAP@3 %.4f, final %.4f", question_id, fold, fold_result["best_map3"], fold_result["final_map3"])
+    scores = write_oof(question_id, rows, classes, labels, correct, fold_of_row, oof)
+    return {
+        **result, "status": "succeeded", "prompt_stats": prompt_stats, "fold_results": fold_results,
+        # Over every row, each predicted by the fold model that did not see it.
+        "best_map3": scores["best_map3_oof_map3"], "best_map3_unmasked": scores["best_map3_oof_map3_unmasked"],
+        "final_map3": scores["best_oof_map3"], "final_map3_unmasked": scores["best_oof_map3_unmasked"],
+        "train_rows": len(rows), "val_rows": len(rows),
     }
 
 
@@ -202,10 +253,11 @@ def is_complete(question_id):
     path = config.get_question_results_path(question_id)
     if not os.path.isfile(path):
         return False
-    status = read_json(path).get("status")
-    out_dir = config.get_question_output_dir(question_id)
-    adapters = all(os.path.isfile(os.path.join(out_dir, name, "adapter_config.json")) for name in ("best", "best_map3"))
-    return status == "skipped" or (status == "succeeded" and adapters)
+    result = read_json(path)
+    folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
+    adapters = all(os.path.isfile(os.path.join(config.get_question_model_path(question_id, checkpoint, fold), "adapter_config.json"))
+                   for checkpoint in ("best", "best_map3") for fold in folds)
+    return result["status"] == "skipped" or (result["status"] == "succeeded" and adapters)
 
 
 def peak_memory_mb(device):
@@ -216,6 +268,9 @@ def peak_memory_mb(device):
 
 def run_question(question_id, rows, tokenizer, base_model, precision, device):
     """Train one question with its own log file; a failure is recorded, not raised."""
+    # No results file while a question trains: a run killed midway leaves it to be retrained.
+    if os.path.isfile(config.get_question_results_path(question_id)):
+        os.remove(config.get_question_results_path(question_id))
     handler = setup_logging(os.path.join(config.get_question_log_dir(question_id), "train.log"))
     wandb_run = None
     started = time.time()
@@ -236,13 +291,13 @@ def run_question(question_id, rows, tokenizer, base_model, precision, device):
         logging.getLogger().removeHandler(handler)
         handler.close()
     result.update(seconds=round(time.time() - started, 2), model=config.MODEL_NAME, prompt_version=config.PROMPT_VERSION,
-                  max_len=config.MAX_LEN, epochs=config.EPOCHS, learning_rate=config.LEARNING_RATE, **peak_memory_mb(device))
+                  device=str(device), max_len=config.MAX_LEN, epochs=config.EPOCHS, learning_rate=config.LEARNING_RATE, **peak_memory_mb(device))
     write_json_atomic(config.get_question_results_path(question_id), result)
     return result
 
 
 def write_summary(question_ids):
-    """Merge every question's results file into all_questions_summary.json (and a plot)."""
+    """Merge the question results on disk into all_questions_summary.json and map3_by_question.png."""
     results = {}
     for question_id in question_ids:
         path = config.get_question_results_path(question_id)
@@ -258,34 +313,117 @@ def write_summary(question_ids):
         "missing": [q for q in question_ids if q not in results],
         "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "val_rows", "seconds", "error")}
                          for q, r in results.items()},
+        # Row-weighted, so a question counts as much as its rows do in the competition's metric.
         "overall_best_map3": sum(r["best_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
         "overall_final_map3": sum(r["final_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
         "val_rows": val_rows,
         "seconds": round(sum(r.get("seconds", 0) for r in results.values()), 2),
     }
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
+    if succeeded:
+        plot_summary(succeeded, summary["overall_best_map3"])
     return summary
 
 
-def train(df, question_ids):
-    """Train the given questions of a validated frame; return their results."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def plot_summary(succeeded, overall):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(10, 4))
+    axis.bar([str(r["question_id"]) for r in succeeded], [r["best_map3"] for r in succeeded], color="tab:blue")
+    axis.axhline(overall, color="tab:red", linestyle="--", label=f"overall {overall:.4f} (row-weighted)")
+    axis.set(xlabel="QuestionId", ylabel="validation MAP@3", ylim=(0, 1), title="Validation MAP@3 by question")
+    axis.tick_params(axis="x", rotation=45)
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(os.path.join(config.get_summary_dir(), "map3_by_question.png"), dpi=100)
+    plt.close(figure)
+
+
+def train_questions(df, question_ids, device):
+    """Train questions one after the other in this process (question_ids may be a queue's iterator)."""
     precision = resolve_precision(config.PRECISION, device)
     tokenizer = load_tokenizer(config.MODEL_NAME)
     base_model = None
-    results = {}
     for question_id in question_ids:
         if not config.OVERWRITE and is_complete(question_id):
             log.info("question %s: results complete, skipping (use --overwrite to retrain)", question_id)
-            results[question_id] = read_json(config.get_question_results_path(question_id))
             continue
         if base_model is None:
             log.info("loading %s (%s on %s)", config.MODEL_NAME, precision, device)
             base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], device)
         rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
-        results[question_id] = run_question(question_id, rows, tokenizer, base_model, precision, device)
-        log.info("question %s: %s", question_id, {k: results[question_id].get(k) for k in ("status", "best_map3", "final_map3", "seconds", "error")})
-    return results
+        result = run_question(question_id, rows, tokenizer, base_model, precision, device)
+        log.info("question %s: %s", question_id, {k: result.get(k) for k in ("status", "best_map3", "final_map3", "seconds", "error")})
+
+
+def worker(device, threads, settings, question_queue):
+    """A worker process: its own device and base model, questions from the shared queue until a None."""
+    if device.startswith("cuda:"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]  # before CUDA starts in this process
+        device = "cuda"
+    torch.set_num_threads(threads)
+    config.update(settings)
+    setup_logging()
+    df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
+    train_questions(df, iter(question_queue.get, None), device)
+
+
+def train_parallel(df, question_ids, devices):
+    """One worker process per device; questions handed out longest first so the workers finish together."""
+    context = multiprocessing.get_context("spawn")
+    question_queue = context.Queue()
+    sizes = df["QuestionId"].value_counts()
+    for question_id in sorted(question_ids, key=lambda q: -sizes[q]):
+        question_queue.put(question_id)
+    for _ in devices:
+        question_queue.put(None)
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    workers = [context.Process(target=worker, args=(device, threads, config.snapshot(), question_queue)) for device in devices]
+    for process in workers:
+        process.start()
+    try:
+        for process in workers:
+            process.join()
+    except KeyboardInterrupt:
+        for process in workers:
+            process.terminate()
+        for process in workers:
+            process.join()
+        raise
+    crashed = [process.exitcode for process in workers if process.exitcode != 0]
+    for question_id in question_ids:
+        if crashed and not os.path.isfile(config.get_question_results_path(question_id)):
+            write_json_atomic(config.get_question_results_path(question_id), {
+                "question_id": question_id, "status": "failed",
+                "error": f"worker process exited with code {crashed[0]} before finishing this question"})
+
+
+def training_devices():
+    """Devices to train on: the GPUs asked for (all visible by default), else the CPU, WORKERS times."""
+    gpus = list(range(torch.cuda.device_count())) if config.GPUS == "all" else [int(g) for g in config.GPUS.split(",") if g]
+    devices = [f"cuda:{gpu}" for gpu in gpus] or ["cpu"]
+    if config.WORKERS:
+        devices = [devices[i % len(devices)] for i in range(config.WORKERS)]
+    return devices
+
+
+def shard_questions(df, question_ids, shard):
+    """The K-th of N partitions of the questions, balanced by row count and the same on every machine."""
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        assert 1 <= index <= count
+    except (ValueError, AssertionError):
+        raise InputError(f"--shard {shard}: expected K/N with 1 <= K <= N") from None
+    sizes = df["QuestionId"].value_counts()
+    loads = [0] * count
+    owner = {}
+    for question_id in sorted(question_ids, key=lambda q: (-sizes[q], q)):
+        target = loads.index(min(loads))
+        loads[target] += sizes[question_id]
+        owner[question_id] = target + 1
+    return [q for q in question_ids if owner[q] == index]
 
 
 def main(argv=None):
@@ -295,18 +433,27 @@ def main(argv=None):
         if config.DEMO:
             from demo.synthetic import prepare_demo
             prepare_demo()
-        df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
-        absent = [q for q in config.QUESTION_IDS if q not in set(df["QuestionId"])]
-        if absent:
-            raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
-        results = train(df, config.QUESTION_IDS)
+        if not config.SUMMARIZE_ONLY:
+            df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
+            absent = [q for q in config.QUESTION_IDS if q not in set(df["QuestionId"])]
+            if absent:
+                raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
+            question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
+            devices = training_devices()
+            log.info("training %d questions on %s", len(question_ids), ", ".join(devices))
+            if len(devices) == 1:
+                train_questions(df, question_ids, devices[0])
+            else:
+                train_parallel(df, question_ids, devices)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = write_summary(config.QUESTION_IDS)
-    log.info("summary: %d succeeded, %d failed, %d skipped; overall validation MAP@3 %s",
-             summary["succeeded"], summary["failed"], summary["skipped"], summary["overall_best_map3"])
-    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+    log.info("summary: %d succeeded, %d failed, %d skipped, %d missing; overall validation MAP@3 %s",
+             summary["succeeded"], summary["failed"], summary["skipped"], len(summary["missing"]), summary["overall_best_map3"])
+    if config.SUMMARIZE_ONLY:
+        return 0
+    return 1 if any(summary["per_question"].get(str(q), {}).get("status") == "failed" for q in question_ids) else 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from sklearn.pipeline import make_pipeline
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
-from train import split_rows  # noqa: E402
+from train import fold_splits  # noqa: E402
 from utils import TARGET_COLUMN, correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main(argv=None):
         rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
         if rows[TARGET_COLUMN].nunique() < 2:
             continue
-        train_idx, val_idx = split_rows(rows, config.SEED)
+        train_idx, val_idx = fold_splits(rows, 1, config.SEED)[0]
         score = baseline_map3(rows, train_idx, val_idx)
         scores.append([score[True], score[False]])
         weights.append(len(val_idx))

@@ -66,7 +66,7 @@ def test_validation_map3_beats_the_label_prior(trained, train_csv):
         if question_id == SINGLE_CLASS_QUESTION:
             continue
         rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
-        train_idx, val_idx = train.split_rows(rows, config.SEED)
+        train_idx, val_idx = train.fold_splits(rows, 1, config.SEED)[0]
         counts = rows.loc[train_idx, "Category:Misconception"].value_counts()
         val = rows.loc[val_idx]
         prior = decode_top_k(np.tile(counts.to_numpy(float), (len(val), 1)), counts.index, correctness_of(val), True)
@@ -81,7 +81,7 @@ def test_split_keeps_singleton_classes_in_training_and_duplicates_together(train
     df = read_competition_csv(train_csv, labelled=True)
     rows = df[df["QuestionId"] == SINGLETON[0]].reset_index(drop=True)
     rows = pd.concat([rows, rows.iloc[:20]], ignore_index=True)  # 20 repeated texts
-    train_idx, val_idx = train.split_rows(rows, 0)
+    train_idx, val_idx = train.fold_splits(rows, 1, 0)[0]
     assert sorted(np.concatenate([train_idx, val_idx])) == list(range(len(rows)))
     singleton = rows.index[rows["Category:Misconception"] == SINGLETON[1]]
     assert set(singleton) <= set(train_idx)
