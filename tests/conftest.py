@@ -16,8 +16,8 @@ torch.set_num_threads(2)
 
 SINGLE_CLASS_QUESTION = 109465
 SINGLETON = (31772, "True_Misconception:WNB")
-# Settings under which the tiny model learns the synthetic signal within seconds.
-FAST = ["--prompt-version", "create_prompt_v1", "--lr", "5e-3", "--epochs", "8", "--eval-steps", "0.25"]
+# The demo's settings, under which the tiny model learns the synthetic signal within seconds.
+FAST = [f"{config.FLAGS[name]}={value}" for name, value in config.DEMO_SETTINGS.items()] + ["--eval-steps", "0.25"]
 
 
 @pytest.fixture(autouse=True)

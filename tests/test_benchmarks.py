@@ -1,0 +1,134 @@
+"""benchmarks/run.py and benchmarks/gpu.py on synthetic data with the tiny Qwen3: they run and what they
+report adds up (every token counted once, padding flags honoured, one base-model load)."""
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import config
+from prompts import encode_prompts
+from utils import TARGET_COLUMN, load_tokenizer, read_competition_csv
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUESTION = 31772
+SUBMIT_ROWS = 30
+EPOCHS = 2
+
+
+def load_script(name):
+    """benchmarks/ is a folder of scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_benchmark(*argv):
+    """run.py's main in this process; returns its printed output and its last line parsed as JSON."""
+    saved = config.snapshot()  # the script writes its settings into config
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output):
+            load_script("run").main(list(argv))
+    finally:
+        config.update(saved)
+    text = output.getvalue()
+    return text, json.loads(text.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_model, train_csv):
+    return run_benchmark("--train-data", train_csv, "--model", tiny_model, "--questions", str(QUESTION), "--rows", "40",
+                         "--epochs", str(EPOCHS), "--submit-rows", str(SUBMIT_ROWS))
+
+
+@pytest.fixture(scope="module")
+def prompt_lengths(tiny_model, train_csv):
+    """Tokens of every row's prompt (the default version), per QuestionId, computed here independently."""
+    df = read_competition_csv(train_csv, labelled=True)
+    input_ids, _ = encode_prompts(df, load_tokenizer(tiny_model), config.PROMPT_VERSION, config.MAX_LEN)
+    lengths = {}
+    for question_id, ids, label in zip(df["QuestionId"], input_ids, df[TARGET_COLUMN]):
+        lengths.setdefault(question_id, []).append((len(ids), label))
+    return lengths
+
+
+def test_run_reports_every_figure_with_sane_values(bench):
+    text, result = bench
+    for key in ("padding_efficiency_train", "padding_efficiency_infer", "padding_efficiency_train_run", "padding_efficiency_submit"):
+        assert 0 < result[key] <= 1, key
+    assert result["base_loads"] == 1
+    # The forward passes are part of submit's wall time, and the ratio is the two times divided.
+    assert 0 < result["submit_forward_s"] < result["submit_wall_s"]
+    assert result["submit_overhead_ratio"] == pytest.approx(result["submit_wall_s"] / result["submit_forward_s"])
+    assert result["submit_rows"] == SUBMIT_ROWS
+    assert result["submit_rows_per_s"] == pytest.approx(SUBMIT_ROWS / result["submit_wall_s"])
+    assert sum(result["submit_seconds"].values()) == pytest.approx(result["submit_wall_s"])
+    assert result["train_tokens_per_s"] > result["train_wall_tokens_per_s"] > 0
+    assert result["train_evaluations"] >= 1 and result["train_evaluate_s"] > 0
+    assert result["peak_rss_mb"] > 100
+    assert "padding efficiency" in text and "submit.py" in text
+
+
+def test_prompt_lengths_are_those_of_encode_prompts(bench, prompt_lengths):
+    stats = bench[1]["prompt_tokens"][config.PROMPT_VERSION]
+    lengths = [length for rows in prompt_lengths.values() for length, _ in rows]
+    assert stats["rows"] == len(lengths)
+    assert stats["max_tokens"] == max(lengths)
+    assert stats["mean_tokens"] == pytest.approx(sum(lengths) / len(lengths))
+    assert set(bench[1]["prompt_tokens"]) == {"create_prompt_v1", "create_prompt_v2"}
+
+
+def test_padding_counts_every_token_once(bench, prompt_lengths):
+    result = bench[1]
+    # Inference: every row of every question is predicted once.
+    assert result["infer_tokens_real"] == sum(length for rows in prompt_lengths.values() for length, _ in rows)
+    assert result["infer_tokens_real"] / result["infer_tokens_computed"] == pytest.approx(result["padding_efficiency_infer"])
+    # Training: each epoch sees the training split (about 1 - VAL_FRACTION of the rows) of every question
+    # with more than one class; the single-class question is skipped, as train.py skips it.
+    trainable = sum(length for rows in prompt_lengths.values() if len({label for _, label in rows}) > 1 for length, _ in rows)
+    per_epoch = result["train_tokens_real"] / EPOCHS
+    assert (1 - config.VAL_FRACTION - 0.05) * trainable < per_epoch < (1 - config.VAL_FRACTION + 0.05) * trainable
+    assert result["train_tokens_computed"] >= result["train_tokens_real"]
+
+
+def test_padding_to_a_multiple_costs_efficiency(bench, tiny_model, train_csv):
+    """--pad-to-multiple-of reaches the project's collator in both the training and the inference batches."""
+    _, padded = run_benchmark("--train-data", train_csv, "--model", tiny_model, "--epochs", str(EPOCHS),
+                              "--pad-to-multiple-of", "64", "--padding-only")
+    unpadded = bench[1]
+    for kind in ("train", "infer"):
+        assert padded[f"{kind}_tokens_real"] == unpadded[f"{kind}_tokens_real"]
+        assert padded[f"{kind}_tokens_computed"] % 64 == 0
+        assert padded[f"padding_efficiency_{kind}"] < unpadded[f"padding_efficiency_{kind}"]
+    assert "submit_overhead_ratio" not in padded
+
+
+def test_gpu_script_runs_tiny_on_cpu():
+    environment = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    finished = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--tiny", "--seconds", "300"], cwd=ROOT,
+                              env=environment, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    for key in ("train_tokens_per_s", "mfu", "projected_full_train_s", "infer_rows_per_s", "projected_16000_rows_s",
+                "peak_gpu_memory_mb", "prompt_tokens", "precisions"):
+        assert key in result, key
+    assert result["tiny"] and result["rows_source"] == "synthetic"
+    assert set(result["precisions"]) == {"bf16", "fp16"}
+    assert "skipped" in result["precisions"]["fp16"]  # fp16 autocast is a GPU path
+    training, inference = result["precisions"]["bf16"]["train"], result["precisions"]["bf16"]["infer"]
+    # --tiny: 4 steps, the first one left out as warm-up.
+    assert training["steps"] == 3 and training["rows"] == 3 * config.TRAIN_BATCH_SIZE
+    assert 0 < training["padding_efficiency"] <= 1 and 0 < result["mfu"] < 1
+    assert training["mfu_executed"] < training["mfu"]  # frozen weights get no weight gradients
+    # LoRA r64 on q/k/v/o of the tiny config (hidden 64, 4 heads x 16, 2 kv heads x 16, 2 layers), and a head.
+    lora = 2 * 64 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))
+    assert lora < training["parameters_lora"] < lora + 64 * 100
+    assert result["projected_full_train_s"] == pytest.approx(36696 * config.EPOCHS / training["rows_per_s"])
+    assert inference["rows"] == 64 and inference["rows_per_s"] > 0
+    assert result["projected_16000_rows_s"] == pytest.approx(16000 / inference["rows_per_s"])

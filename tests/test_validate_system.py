@@ -1,0 +1,34 @@
+"""tests/validate_system.py prints a ✓ line per check and exits 1 on any ✗."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def validate(*args):
+    return subprocess.run([sys.executable, "tests/validate_system.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_a_good_setup_is_all_ticks(tiny_model, train_csv, test_csv, tmp_path):
+    run = validate("--model", tiny_model, "--train-data", train_csv, "--test-data", test_csv, "--output-dir", str(tmp_path / "out"))
+    lines = run.stdout.splitlines()
+    assert run.returncode == 0, run.stdout
+    assert not [line for line in lines if line.startswith("✗")]
+    for name in ("✓ transformers:", "✓ config:", "✓ model:", "✓ lora targets:", "✓ train data:", "✓ test data:",
+                 "✓ question ids:", "✓ output dir:", "✓ disk:"):
+        assert any(line.startswith(name) for line in lines), name
+    assert any(line.startswith("⚠ classes: questions [109465]") for line in lines)
+    assert lines[-1] == "all checks passed"
+
+
+def test_a_broken_setting_is_a_cross_and_exit_1(tiny_model, train_csv, tmp_path):
+    run = validate("--model", tiny_model, "--train-data", train_csv, "--output-dir", str(tmp_path), "--lora-targets", "q_proj,nonexistent")
+    assert run.returncode == 1
+    assert "✗ lora targets: not in the model: nonexistent" in run.stdout.splitlines()
+    run = validate("--model", str(tmp_path / "no_model"), "--train-data", str(tmp_path / "none.csv"), "--output-dir", str(tmp_path))
+    assert run.returncode == 1
+    crosses = [line for line in run.stdout.splitlines() if line.startswith("✗")]
+    assert crosses[0].startswith(f"✗ model: {tmp_path / 'no_model'}: not loadable offline")
+    assert crosses[1] == f"✗ train data: {tmp_path / 'none.csv'}: file not found"
+    assert run.stdout.splitlines()[-1] == "2 check(s) failed"

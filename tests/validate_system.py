@@ -1,0 +1,184 @@
+"""Check the whole setup before a real run: one ✓/✗ line per check, exit code 1 on any ✗.
+
+    python tests/validate_system.py --model /path/to/Qwen3-0.6B --train-data train.csv
+
+Takes the same overrides as train.py. ⚠ lines are warnings: worth reading, not failures.
+"""
+import importlib.metadata
+import os
+import platform
+import shutil
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import config  # noqa: E402
+import train  # noqa: E402
+
+PACKAGES = ["torch", "transformers", "peft", "accelerate", "scikit-learn", "pandas", "numpy", "joblib"]
+MINIMUM = {"transformers": (4, 51)}
+
+
+class Checklist:
+    def __init__(self):
+        self.failures = 0
+
+    def line(self, mark, name, detail):
+        print(f"{mark} {name}: {detail}", flush=True)
+
+    def ok(self, name, detail):
+        self.line("✓", name, detail)
+
+    def fail(self, name, detail):
+        self.failures += 1
+        self.line("✗", name, detail)
+
+    def warn(self, name, detail):
+        self.line("⚠", name, detail)
+
+    def check(self, name, passed, detail):
+        (self.ok if passed else self.fail)(name, detail)
+
+
+def check_environment(checks):
+    checks.check("python", sys.version_info >= (3, 9), platform.python_version())
+    for package in PACKAGES + (["wandb"] if config.USE_WANDB else []):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            checks.fail(package, "not installed (pip install -r requirements.txt)")
+            continue
+        minimum = MINIMUM.get(package)
+        too_old = minimum and tuple(int(p) for p in version.split(".")[:2]) < minimum
+        checks.check(package, not too_old, version + (f" (needs >= {'.'.join(map(str, minimum))})" if too_old else ""))
+
+    import torch
+    from utils import resolve_precision
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            name = torch.cuda.get_device_name(index)
+            checks.ok(f"cuda:{index}", f"{name}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no (fp16 will be used)'}")
+    else:
+        checks.warn("device", "no CUDA GPU: training runs on the CPU in fp32 (fine for the demo, slow for Qwen3-0.6B)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        checks.ok("precision", f"{resolve_precision(config.PRECISION, device)} on {device}")
+    except Exception as error:
+        checks.fail("precision", str(error))
+
+
+def check_config(checks):
+    from prompts import PROMPTS
+    problems = [name for name, good in [
+        ("EPOCHS", config.EPOCHS > 0), ("MAX_LEN", config.MAX_LEN > 0), ("TRAIN_BATCH_SIZE", config.TRAIN_BATCH_SIZE > 0),
+        ("EVAL_BATCH_SIZE", config.EVAL_BATCH_SIZE > 0), ("GRADIENT_ACCUMULATION_STEPS", config.GRADIENT_ACCUMULATION_STEPS > 0),
+        ("LEARNING_RATE", config.LEARNING_RATE > 0), ("VAL_FRACTION", 0 < config.VAL_FRACTION < 1),
+        ("LORA_RANK", config.LORA_RANK > 0), ("LORA_ALPHA", config.LORA_ALPHA > 0), ("LORA_DROPOUT", 0 <= config.LORA_DROPOUT < 1),
+        ("EVAL_STEPS", config.EVAL_STEPS > 0), ("FOLDS", config.FOLDS >= 1), ("PROMPT_VERSION", config.PROMPT_VERSION in PROMPTS),
+        ("LORA_TARGET_MODULES", bool(config.LORA_TARGET_MODULES)),
+    ] if not good]
+    detail = f"invalid {', '.join(f'{name}={getattr(config, name)!r}' for name in problems)}" if problems else \
+        f"{config.EPOCHS} epochs, lr {config.LEARNING_RATE}, batch {config.TRAIN_BATCH_SIZE}x{config.GRADIENT_ACCUMULATION_STEPS}, " \
+        f"LoRA r{config.LORA_RANK}/α{config.LORA_ALPHA} on {','.join(config.LORA_TARGET_MODULES)}, {config.PROMPT_VERSION}, max_len {config.MAX_LEN}"
+    checks.check("config", not problems, detail)
+
+
+def check_model(checks):
+    """Config and tokenizer from local files only; the architecture is built on the meta device (no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from utils import load_tokenizer
+    try:
+        model_config = AutoConfig.from_pretrained(config.MODEL_NAME, local_files_only=True)
+        tokenizer = load_tokenizer(config.MODEL_NAME, offline=True)
+    except Exception as error:
+        checks.fail("model", f"{config.MODEL_NAME}: not loadable offline ({str(error).splitlines()[0]})")
+        return None, None
+    checks.ok("model", f"{config.MODEL_NAME}: {model_config.model_type}, tokenizer {type(tokenizer).__name__}, "
+                       f"chat template {'yes' if getattr(tokenizer, 'chat_template', None) else 'no (plain prompts)'}")
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(model_config)
+    linear = {name.split(".")[-1]: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    missing = [target for target in config.LORA_TARGET_MODULES if target not in linear]
+    checks.check("lora targets", not missing, f"not in the model: {', '.join(missing)}" if missing else
+                 f"{', '.join(config.LORA_TARGET_MODULES)} found")
+    lora_params = sum(config.LORA_RANK * (module.in_features + module.out_features)
+                      for name, module in model.named_modules()
+                      if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in config.LORA_TARGET_MODULES)
+    return tokenizer, lora_params
+
+
+def check_data(checks, tokenizer):
+    from prompts import encode_prompts
+    from utils import TARGET_COLUMN, read_competition_csv
+    try:
+        df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
+    except Exception as error:
+        checks.fail("train data", str(error))
+        return
+    checks.ok("train data", f"{config.TRAIN_DATA_PATH}: {len(df)} rows, {df['QuestionId'].nunique()} questions, "
+                            f"{df[TARGET_COLUMN].nunique()} labels")
+    if os.path.isfile(config.TEST_DATA_PATH):
+        try:
+            test = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
+            checks.ok("test data", f"{config.TEST_DATA_PATH}: {len(test)} rows")
+        except Exception as error:
+            checks.fail("test data", str(error))
+    else:
+        checks.warn("test data", f"{config.TEST_DATA_PATH} not found (only submit.py needs it)")
+
+    in_data = set(df["QuestionId"])
+    absent = [q for q in config.QUESTION_IDS if q not in in_data]
+    checks.check("question ids", not absent, f"not in the data: {absent}" if absent else f"{len(config.QUESTION_IDS)} questions, all in the data")
+    extra = sorted(in_data - set(config.QUESTION_IDS))
+    if extra:
+        checks.warn("question ids", f"in the data but not trained: {extra}")
+    classes = df[df["QuestionId"].isin(config.QUESTION_IDS)].groupby("QuestionId")[TARGET_COLUMN].nunique()
+    single = classes[classes <= 1].index.tolist()
+    if single:
+        checks.warn("classes", f"questions {single} have one class and will be skipped")
+    else:
+        checks.ok("classes", f"{classes.min()}-{classes.max()} labels per question")
+
+    if tokenizer is None:
+        return
+    rows = df[df["QuestionId"].isin(config.QUESTION_IDS)]
+    _, stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
+    detail = f"{config.PROMPT_VERSION}: mean {stats['mean_tokens']:.0f}, p95 {stats['p95_tokens']:.0f}, max {stats['max_tokens']} tokens (MAX_LEN {config.MAX_LEN})"
+    if stats["shortened"] or stats["over_max_len"]:
+        checks.warn("prompt lengths", f"{detail}; context shortened in {stats['shortened']} rows, "
+                                      f"{stats['over_max_len']} rows over MAX_LEN even without context")
+    else:
+        checks.ok("prompt lengths", detail)
+
+
+def check_output(checks, lora_params):
+    try:
+        os.makedirs(config.OUTPUT_DIR, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=config.OUTPUT_DIR):
+            pass
+        checks.ok("output dir", f"{os.path.abspath(config.OUTPUT_DIR)} writable")
+    except OSError as error:
+        checks.fail("output dir", f"{config.OUTPUT_DIR} not writable ({error.strerror})")
+        return
+    free_gb = shutil.disk_usage(config.OUTPUT_DIR).free / 2**30
+    # Two fp32 adapters (best, best_map3) per question and fold.
+    needed_gb = 2 * len(config.QUESTION_IDS) * config.FOLDS * 4 * (lora_params or 0) / 2**30
+    checks.check("disk", free_gb > needed_gb * 1.5, f"{free_gb:.1f} GB free, adapters need about {needed_gb:.2f} GB")
+
+
+def main(argv=None):
+    config.parse_args(__doc__.splitlines()[0], train.SETTINGS, argv)
+    checks = Checklist()
+    check_environment(checks)
+    check_config(checks)
+    tokenizer, lora_params = check_model(checks)
+    check_data(checks, tokenizer)
+    check_output(checks, lora_params)
+    print(f"{'all checks passed' if not checks.failures else f'{checks.failures} check(s) failed'}")
+    return 1 if checks.failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
