@@ -103,7 +103,7 @@ HELP = {
     "LORA_DROPOUT": "LoRA dropout",
     "LORA_TARGET_MODULES": "comma-separated module names LoRA adapts",
     "CHECKPOINT": "adapter to load: best_map3 (best validation MAP@3) or best (final)",
-    "CORRECTNESS_MASK": "drop labels whose True_/False_ prefix contradicts the chosen answer",
+    "CORRECTNESS_MASK": "rank labels whose True_/False_ prefix matches the chosen answer's correctness first",
     "USE_WANDB": "log each question as a wandb run (one group per output dir)",
     "WANDB_PROJECT": "wandb project name",
     "DEMO": "run on generated data with a tiny random Qwen3 (no downloads needed)",
@@ -158,7 +158,8 @@ CHOICES = {
 }
 
 
-DEFAULTS = {name: value for name, value in globals().items() if name.isupper()}
+# Settings given explicitly on the command line (parse_args fills it): --demo leaves those alone.
+GIVEN = set()
 
 
 def get_question_output_dir(question_id):
@@ -211,11 +212,7 @@ def _add_setting(parser, name, flag):
 
 def snapshot():
     """All settings as a dict, e.g. to hand to a worker process."""
-    return {name: value for name, value in globals().items() if name.isupper() and name not in ("HELP", "FLAGS", "CHOICES", "DEFAULTS", "DEMO_SETTINGS")}
-
-
-def is_default(name):
-    return globals()[name] == DEFAULTS[name]
+    return {name: value for name, value in globals().items() if name.isupper() and name not in ("HELP", "FLAGS", "CHOICES", "GIVEN", "DEMO_SETTINGS")}
 
 
 def update(settings):
@@ -228,12 +225,17 @@ def parse_args(description, names, argv=None, flags=None, extra_arguments=None):
     `flags` renames a setting's flag for one script (submit.py's --batch-size is EVAL_BATCH_SIZE);
     `extra_arguments(parser)` adds script-only arguments. Returns the argparse namespace.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     allow_abbrev=False)
     flags = {**FLAGS, **(flags or {})}
     for name in names:
         _add_setting(parser, name, flags[name])
     if extra_arguments:
         extra_arguments(parser)
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
     update({name: getattr(args, name) for name in names})
+    given = {token.split("=")[0] for token in argv if token.startswith("--")}
+    GIVEN.clear()
+    GIVEN.update(name for name in names if {flags[name], "--no-" + flags[name][2:]} & given)
     return args

@@ -20,7 +20,7 @@ import config
 from data_collator import build_data_collator
 from prompts import encode_prompts
 from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_of, decode_top_k, load_adapter,
-                   load_base_model, load_tokenizer, log, predict_logits, read_competition_csv, read_json,
+                   load_base_model, load_tokenizer, log, predict_logits, read_competition_csv, read_question_results,
                    resolve_precision, setup_logging, softmax)
 
 SETTINGS = [
@@ -29,16 +29,6 @@ SETTINGS = [
 ]
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
-
-
-def question_results(question_ids):
-    """Training results of each question that has them (label counts, prompt settings, status)."""
-    results = {}
-    for question_id in question_ids:
-        path = config.get_question_results_path(question_id)
-        if os.path.isfile(path):
-            results[question_id] = read_json(path)
-    return results
 
 
 def frequency_table(results, question_id):
@@ -132,7 +122,7 @@ def balance(groups, n_workers):
 
 def predict(test_df, devices=None):
     """Top-3 label lists for every row of the test frame, in its order."""
-    results = question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
+    results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
     devices = devices or visible_devices()

@@ -31,7 +31,7 @@ from data_collator import build_data_collator
 from prompts import encode_prompts
 from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, correctness_of, decode_top_k, fit_label_encoder,
                    load_base_model, load_tokenizer, log, map_at_k, predict_logits, read_competition_csv,
-                   read_json, resolve_precision, setup_logging, softmax, write_json_atomic)
+                   read_json, read_question_results, resolve_precision, setup_logging, softmax, write_json_atomic)
 
 SETTINGS = [
     "MODEL_NAME", "TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS",
@@ -100,6 +100,8 @@ class MapTrainer(Trainer):
             f"{metric_key_prefix}_map3": map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, config.CORRECTNESS_MASK)),
             f"{metric_key_prefix}_map3_unmasked": map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, False)),
         }
+        log.info("step %d: validation MAP@3 %.4f (unmasked %.4f), loss %.4f", self.state.global_step,
+                 metrics[f"{metric_key_prefix}_map3"], metrics[f"{metric_key_prefix}_map3_unmasked"], metrics[f"{metric_key_prefix}_loss"])
         if metrics[f"{metric_key_prefix}_map3"] > self.best["map3"]:
             self.best = {"map3": metrics[f"{metric_key_prefix}_map3"], "step": self.state.global_step,
                          "map3_unmasked": metrics[f"{metric_key_prefix}_map3_unmasked"]}
@@ -298,11 +300,7 @@ def run_question(question_id, rows, tokenizer, base_model, precision, device):
 
 def write_summary(question_ids):
     """Merge the question results on disk into all_questions_summary.json and map3_by_question.png."""
-    results = {}
-    for question_id in question_ids:
-        path = config.get_question_results_path(question_id)
-        if os.path.isfile(path):
-            results[question_id] = read_json(path)
+    results = read_question_results(question_ids)
     succeeded = [r for r in results.values() if r["status"] == "succeeded"]
     val_rows = sum(r["val_rows"] for r in succeeded)
     summary = {
@@ -440,6 +438,8 @@ def main(argv=None):
                 raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
             question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
             devices = training_devices()
+            for device in devices:  # a bad --precision stops here, not inside the workers
+                resolve_precision(config.PRECISION, device)
             log.info("training %d questions on %s", len(question_ids), ", ".join(devices))
             if len(devices) == 1:
                 train_questions(df, question_ids, devices[0])

@@ -14,6 +14,7 @@ from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import config
 from prompt_utils import CATEGORIES, answer_is_correct
 
 log = logging.getLogger("map")
@@ -95,6 +96,16 @@ def write_json_atomic(path, data):
 def read_json(path):
     with open(path) as handle:
         return json.load(handle)
+
+
+def read_question_results(question_ids):
+    """The summary/question_<id>_results.json of each question that has one, by QuestionId."""
+    results = {}
+    for question_id in question_ids:
+        path = config.get_question_results_path(question_id)
+        if os.path.isfile(path):
+            results[question_id] = read_json(path)
+    return results
 
 
 # ---------------------------------------------------------------- labels and metric

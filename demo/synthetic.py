@@ -124,11 +124,11 @@ def prepare_demo(rows_per_question=150):
         train = make_synthetic_train(rows_per_question)
         train.to_csv(train_path, index=False)
         make_synthetic_test(train, rows=10 * len(questions)).to_csv(test_path, index=False)
-    update = {name: value for name, value in config.DEMO_SETTINGS.items() if config.is_default(name)}
+    update = {name: value for name, value in config.DEMO_SETTINGS.items() if name not in config.GIVEN}
     update |= {
         "TRAIN_DATA_PATH": train_path, "TEST_DATA_PATH": test_path, "OUTPUT_DIR": config.DEMO_OUTPUT_DIR,
         "MODEL_NAME": build_tiny_qwen3(os.path.join(inputs, "tiny_qwen3")),
     }
-    if config.is_default("SUBMISSION_PATH"):
+    if "SUBMISSION_PATH" not in config.GIVEN:
         update["SUBMISSION_PATH"] = os.path.join(config.DEMO_OUTPUT_DIR, "submission.csv")
     config.update(update)

@@ -11,7 +11,7 @@ import train
 from conftest import train_args
 from data_collator import build_data_collator
 from utils import (TORCH_DTYPES, correctness_of, decode_top_k, load_adapter, load_base_model, load_tokenizer,
-                   map_at_k, predict_logits, read_competition_csv, read_json, softmax)
+                   map_at_k, predict_logits, read_competition_csv, read_json, read_question_results, softmax)
 
 QUESTIONS = [33471, 104665]
 
@@ -54,7 +54,7 @@ def test_fold_ensemble_is_the_mean_of_the_fold_models(folded, tiny_model, test_c
     test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
     test["QuestionId"] = test["QuestionId"].astype(int)
     rows = test[test["QuestionId"] == QUESTIONS[0]]
-    result = submit.question_results(QUESTIONS)[QUESTIONS[0]]
+    result = read_question_results(QUESTIONS)[QUESTIONS[0]]
     tokenizer = load_tokenizer(tiny_model)
     predictor = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
     ensemble = predictor.predict(QUESTIONS[0], rows, result, ["x", "y", "z"])

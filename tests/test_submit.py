@@ -11,7 +11,7 @@ import config
 import submit
 from conftest import SINGLE_CLASS_QUESTION
 from prompt_utils import answer_is_correct
-from utils import TORCH_DTYPES, load_adapter, load_base_model, load_tokenizer, predict_logits, read_json
+from utils import TORCH_DTYPES, load_adapter, load_base_model, load_tokenizer, predict_logits, read_json, read_question_results
 
 TRAINED = [31772, 33471, 104665]
 
@@ -56,7 +56,7 @@ def test_swapped_adapters_predict_as_each_adapter_alone(trained, tiny_model, tes
     test["QuestionId"] = test["QuestionId"].astype(int)
     tokenizer = load_tokenizer(tiny_model)
     shared = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
-    results = submit.question_results(TRAINED)
+    results = read_question_results(TRAINED)
     for question_id in TRAINED + TRAINED[::-1]:
         rows = test[test["QuestionId"] == question_id]
         fill = ["x", "y", "z"]
