@@ -57,7 +57,7 @@ class Predictor:
         self.device = torch.device(device)
         self.precision = resolve_precision(config.PRECISION, self.device)
         self.base_model = base_model.to(self.device, TORCH_DTYPES[self.precision])
-        self.tokenizer = copy.deepcopy(tokenizer)  # a fast tokenizer must not be shared between threads
+        self.tokenizer = tokenizer
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
     def predict(self, question_id, rows, result, fill):
@@ -131,8 +131,9 @@ def predict(test_df, devices=None):
         tokenizer = load_tokenizer(config.MODEL_NAME, offline=True)
         precision = resolve_precision(config.PRECISION, devices[0])
         base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
-        predictors = [Predictor(base_model if i == 0 else copy.deepcopy(base_model), tokenizer, device)
-                      for i, device in enumerate(devices)]
+        # Each extra device gets copies: a fast tokenizer must not be shared between threads.
+        predictors = [Predictor(base_model, tokenizer, devices[0])] + [
+            Predictor(copy.deepcopy(base_model), copy.deepcopy(tokenizer), device) for device in devices[1:]]
     predictions = {}
 
     def run(worker):

@@ -95,18 +95,16 @@ class MapTrainer(Trainer):
         logits = predict_logits(self.model, self.val_input_ids, self.data_collator, self.args.per_device_eval_batch_size, self.precision)
         probs = self.last_probs = softmax(logits)
         truth = [self.classes[i] for i in self.val_labels]
-        metrics = {
-            f"{metric_key_prefix}_loss": float(-np.log(probs[np.arange(len(probs)), self.val_labels] + 1e-12).mean()),
-            f"{metric_key_prefix}_map3": map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, config.CORRECTNESS_MASK)),
-            f"{metric_key_prefix}_map3_unmasked": map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, False)),
-        }
-        log.info("step %d: validation MAP@3 %.4f (unmasked %.4f), loss %.4f", self.state.global_step,
-                 metrics[f"{metric_key_prefix}_map3"], metrics[f"{metric_key_prefix}_map3_unmasked"], metrics[f"{metric_key_prefix}_loss"])
-        if metrics[f"{metric_key_prefix}_map3"] > self.best["map3"]:
-            self.best = {"map3": metrics[f"{metric_key_prefix}_map3"], "step": self.state.global_step,
-                         "map3_unmasked": metrics[f"{metric_key_prefix}_map3_unmasked"]}
+        loss = float(-np.log(probs[np.arange(len(probs)), self.val_labels] + 1e-12).mean())
+        map3 = map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, config.CORRECTNESS_MASK))
+        map3_unmasked = map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, False))
+        log.info("step %d: validation MAP@3 %.4f (unmasked %.4f), loss %.4f", self.state.global_step, map3, map3_unmasked, loss)
+        if map3 > self.best["map3"]:
+            self.best = {"map3": map3, "map3_unmasked": map3_unmasked, "step": self.state.global_step}
             self.best_probs = probs
             save_adapter(self.model, self.best_map3_dir)
+        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_map3": map3,
+                   f"{metric_key_prefix}_map3_unmasked": map3_unmasked}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

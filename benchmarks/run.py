@@ -1,0 +1,498 @@
+"""Padding, throughput and overhead of the project's real training and submit code paths (CPU-sized).
+
+    python benchmarks/run.py --train-data /work/shared/data/map/train.csv
+
+Measures, on a labelled CSV:
+- prompt token lengths of every prompt version (prompts.encode_prompts at --max-len);
+- padding efficiency (real tokens / tokens computed) of the training batches of every question over
+  --epochs epochs, as train.py builds them (train.train_question: its split, its MapTrainer's length-grouped
+  sampler and its collator; only the model is not run), and of the inference batches utils.predict_logits
+  builds for every question's rows;
+- a short real training (train.py's main on --rows rows of each of --questions): tokens/s;
+- submit.py's main on --submit-rows rows of those questions (labels dropped): rows/s, wall time / time in
+  the model's forward passes, base-model loads, and where the rest of the time goes.
+The model is a random-init Qwen3 (--layers, --hidden) with the real Qwen3 tokenizer unless --model is given.
+Prints tables and, as its last line, one JSON object with every figure.
+"""
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from types import SimpleNamespace
+from unittest import mock
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import config  # noqa: E402
+import submit  # noqa: E402
+import train  # noqa: E402
+from data_collator import build_data_collator  # noqa: E402
+from demo.synthetic import build_tiny_qwen3  # noqa: E402
+from prompts import PROMPTS, encode_prompts  # noqa: E402
+from utils import (INPUT_COLUMNS, TARGET_COLUMN, TORCH_DTYPES, InputError, load_base_model, load_tokenizer, predict_logits,  # noqa: E402
+                   read_competition_csv, resolve_precision, setup_logging)
+
+# The CPU this was written on is shared: two threads at most, fewer when OMP_NUM_THREADS asks (with
+# other work on the cores, one thread avoids OpenMP threads waiting on each other at every op).
+torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
+
+SETTINGS = [
+    "TRAIN_DATA_PATH", "MODEL_NAME", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE",
+    "EVAL_BATCH_SIZE", "PAD_TO_MULTIPLE_OF", "SEED",
+]
+# Only the timed training and submit use --questions: two questions keep them to a few CPU minutes.
+# Prompt lengths and padding are measured on every question of the file (no model compute needed).
+DEFAULT_QUESTIONS = [31772, 31774]
+
+
+def extra_arguments(parser):
+    parser.add_argument("--rows", type=int, default=96, help="rows per question in the timed training run")
+    parser.add_argument("--submit-rows", type=int, default=512, help="rows of the timed submit run")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the random-init Qwen3 (without --model)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random-init Qwen3 (without --model)")
+    parser.add_argument("--padding-only", action="store_true", help="measure prompt lengths and padding only")
+
+
+# ---------------------------------------------------------------- instruments
+
+class Counts:
+    """Real tokens (attention mask), tokens computed (batch numel) and batches."""
+
+    def __init__(self):
+        self.real = self.computed = self.batches = 0
+
+    def add(self, other):
+        self.real += other.real
+        self.computed += other.computed
+        self.batches += other.batches
+        return self
+
+    def efficiency(self):
+        return self.real / self.computed if self.computed else None
+
+
+def total(counts):
+    merged = Counts()
+    for count in counts:
+        merged.add(count)
+    return merged
+
+
+class CountingCollator:
+    """The project's collator, counting what it builds: training batches (they carry labels) apart from
+    inference batches (predict_logits passes input_ids only)."""
+
+    def __init__(self, collator):
+        self.collator = collator
+        self.counts = {"train": Counts(), "infer": Counts()}
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        counts = self.counts["train" if "labels" in batch else "infer"]
+        counts.real += int(batch["attention_mask"].sum())
+        counts.computed += batch["attention_mask"].numel()
+        counts.batches += 1
+        return batch
+
+
+class CollatorFactory:
+    """Stands in for build_data_collator in a module, keeping every collator it hands out."""
+
+    def __init__(self):
+        self.collators = []
+
+    def __call__(self, tokenizer, pad_to_multiple_of=0):
+        self.collators.append(CountingCollator(build_data_collator(tokenizer, pad_to_multiple_of)))
+        return self.collators[-1]
+
+    def counts(self, kind):
+        return total(collator.counts[kind] for collator in self.collators)
+
+
+class Stopwatch:
+    """Self time (time in nested timed calls left out) and calls of the functions it wraps."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+        self.calls = defaultdict(int)
+        self.local = threading.local()  # submit.py predicts in worker threads
+
+    def wrap(self, name, function):
+        def timed(*args, **kwargs):
+            stack = self.local.__dict__.setdefault("stack", [])
+            stack.append(0.0)  # time in nested timed calls
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                self.seconds[name] += elapsed - stack.pop()
+                self.calls[name] += 1
+                if stack:
+                    stack[-1] += elapsed
+        return timed
+
+    def patches(self, owner, *attributes):
+        """Patches timing each attribute that owner has (the breakdown is informative, not essential)."""
+        return [mock.patch.object(owner, name, self.wrap(name, getattr(owner, name))) for name in attributes if hasattr(owner, name)]
+
+
+class ForwardTimer:
+    """Seconds inside a model's forward calls, LoRA layers included: hooks on the base model survive
+    attaching and unloading adapters, which wrap it in place."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+        self.local = threading.local()
+        self.handles = []
+
+    def _sync(self, module):
+        if next(module.parameters()).is_cuda:
+            torch.cuda.synchronize()
+
+    def _start(self, module, args):
+        self._sync(module)
+        self.local.start = time.perf_counter()
+
+    def _stop(self, module, args, output):
+        self._sync(module)
+        self.seconds += time.perf_counter() - self.local.start
+        self.calls += 1
+
+    def attach(self, model):
+        self.handles += [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._stop)]
+        return model
+
+    def detach(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+class BatchingOnly(torch.nn.Module):
+    """Stands in for the model so that predict_logits' own batching runs without any compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # predict_logits reads the device from it
+        self.config = SimpleNamespace(num_labels=1)
+
+    def forward(self, input_ids, attention_mask):
+        return SimpleNamespace(logits=torch.zeros(len(input_ids), 1))
+
+
+class BatchesCounted(Exception):
+    """Ends a question's training once its batches have been counted."""
+
+
+def start_all(patches):
+    for patch in patches:
+        patch.start()
+
+
+def stop_all(patches):
+    for patch in reversed(patches):
+        patch.stop()
+
+
+# ---------------------------------------------------------------- measurements
+
+def prompt_lengths(df, tokenizer):
+    """encode_prompts' statistics for every prompt version; also the ids of config.PROMPT_VERSION."""
+    stats, chosen = {}, None
+    for version in PROMPTS:
+        input_ids, stats[version] = encode_prompts(df, tokenizer, version, config.MAX_LEN)
+        if version == config.PROMPT_VERSION:
+            chosen = input_ids
+    return stats, chosen
+
+
+def training_padding(df, tokenizer, base_model, precision):
+    """Padding of the training batches of every question over the epochs train.py runs.
+
+    train.train_question runs as it is (split, prompts, LoRA, MapTrainer with the project's sampler and
+    collator) except that MapTrainer.train only iterates its training dataloader, then stops the question.
+    """
+    counted = {}
+
+    def count_batches(trainer, *args, **kwargs):
+        loader = trainer.get_train_dataloader()
+        for _ in range(int(trainer.args.num_train_epochs)):
+            for _ in loader:
+                pass
+        counted[question_id] = trainer.data_collator.counts["train"]
+        raise BatchesCounted
+
+    patches = [mock.patch.object(train, "build_data_collator", CollatorFactory()),
+               mock.patch.object(train.MapTrainer, "train", count_batches)]
+    start_all(patches)
+    try:
+        for question_id in sorted(df["QuestionId"].unique()):
+            rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
+            try:
+                train.train_question(question_id, rows, tokenizer, base_model, precision)
+            except BatchesCounted:
+                pass
+    finally:
+        stop_all(patches)
+    return counted
+
+
+def inference_padding(df, input_ids, tokenizer):
+    """Padding of the batches utils.predict_logits builds for every question's rows, as submit.py calls it
+    (once per question)."""
+    per_question = {}
+    for question_id in sorted(df["QuestionId"].unique()):
+        collator = CountingCollator(build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF))
+        rows = df.index[df["QuestionId"] == question_id]
+        predict_logits(BatchingOnly(), [input_ids[i] for i in rows], collator, config.EVAL_BATCH_SIZE, "fp32")
+        per_question[question_id] = collator.counts["infer"]
+    return per_question
+
+
+def setting_flags(names):
+    """`--flag value` for the current value of each setting, as train.py and submit.py parse them."""
+    argv = []
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool):
+            argv.append(config.FLAGS[name] if value else "--no-" + config.FLAGS[name][2:])
+        else:
+            argv += [config.FLAGS[name], ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv
+
+
+def timed_training(df, rows_per_question, work_dir):
+    """train.py's main on --rows rows of each of --questions: where its time goes, the tokens it trains on."""
+    parts = []
+    for question_id in config.QUESTION_IDS:
+        rows = df[df["QuestionId"] == question_id]
+        parts.append(rows.sample(n=min(rows_per_question, len(rows)), random_state=config.SEED))
+    subset_path = os.path.join(work_dir, "train_subset.csv")
+    pd.concat(parts).drop(columns=[TARGET_COLUMN]).to_csv(subset_path, index=False)
+
+    watch = Stopwatch()
+    collators = CollatorFactory()
+    patches = ([mock.patch.object(train, "build_data_collator", collators)]
+               + watch.patches(train.MapTrainer, "train", "evaluate")
+               + watch.patches(train, "load_base_model", "encode_prompts", "save_adapter"))
+    argv = setting_flags([name for name in SETTINGS if name != "TRAIN_DATA_PATH"])
+    argv += ["--train-data", subset_path, "--output-dir", config.OUTPUT_DIR]
+    start_all(patches)
+    try:
+        start = time.perf_counter()
+        code = train.main(argv)
+        wall = time.perf_counter() - start
+    finally:
+        stop_all(patches)
+    if code != 0:
+        raise RuntimeError(f"train.main exited with {code}")
+    counts = collators.counts("train")
+    # MapTrainer.train's self time: the training loop without its evaluations (timed apart, adapter saves in them).
+    loop = watch.seconds["train"]
+    return {
+        "rows": sum(len(part) for part in parts), "wall_s": wall, "loop_s": loop, "counts": counts,
+        "evaluate_s": watch.seconds["evaluate"], "evaluations": watch.calls["evaluate"],
+        "seconds": dict(watch.seconds),
+        "tokens_per_s": counts.real / loop, "computed_tokens_per_s": counts.computed / loop,
+        "wall_tokens_per_s": counts.real / wall,
+    }
+
+
+def timed_submit(df, n_rows, work_dir):
+    """submit.py's main on rows of --questions (labels dropped), with the adapters the timed training saved."""
+    rows = df[df["QuestionId"].isin(config.QUESTION_IDS)]
+    rows = rows.sample(n=min(n_rows, len(rows)), random_state=config.SEED)[INPUT_COLUMNS]
+    test_path = os.path.join(work_dir, "test.csv")
+    rows.to_csv(test_path, index=False)
+
+    watch = Stopwatch()
+    forward = ForwardTimer()
+    collators = CollatorFactory()
+    loads = []
+    from_pretrained = transformers.AutoModelForSequenceClassification.from_pretrained
+
+    def counted_from_pretrained(*args, **kwargs):
+        # Every base model loaded is counted, and its forward passes timed.
+        loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
+        return forward.attach(from_pretrained(*args, **kwargs))
+
+    patches = ([mock.patch.object(transformers.AutoModelForSequenceClassification, "from_pretrained", counted_from_pretrained),
+                mock.patch.object(submit, "build_data_collator", collators)]
+               + watch.patches(submit, "read_competition_csv", "read_question_results", "load_tokenizer", "load_base_model",
+                               "encode_prompts", "load_adapter", "predict_logits", "decode_top_k", "write_submission")
+               + watch.patches(submit.Predictor, "__init__"))
+    argv = ["--model", config.MODEL_NAME, "--test-data", test_path, "--output-dir", config.OUTPUT_DIR,
+            "--submission", os.path.join(work_dir, "submission.csv"), "--batch-size", str(config.EVAL_BATCH_SIZE),
+            "--questions", ",".join(map(str, config.QUESTION_IDS)), "--pad-to-multiple-of", str(config.PAD_TO_MULTIPLE_OF)]
+    start_all(patches)
+    try:
+        start = time.perf_counter()
+        code = submit.main(argv)
+        wall = time.perf_counter() - start
+    finally:
+        stop_all(patches)
+        forward.detach()
+    if code != 0:
+        raise RuntimeError(f"submit.main exited with {code}")
+    # A `python submit.py` process also starts an interpreter and imports torch, transformers and peft
+    # before main runs: timed apart, in a fresh process, and left out of the ratio (as the goal defines it).
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import submit"], cwd=ROOT, check=True)
+    import_s = time.perf_counter() - start
+    seconds = dict(watch.seconds)
+    # predict_logits' self time still holds the forward passes: split them out.
+    seconds["predict_logits"] = seconds.get("predict_logits", 0.0) - forward.seconds
+    seconds["forward"] = forward.seconds
+    seconds["other"] = wall - sum(seconds.values())
+    return {
+        "rows": len(rows), "wall_s": wall, "forward_s": forward.seconds, "forward_calls": forward.calls,
+        "base_loads": len(loads), "counts": collators.counts("infer"), "seconds": seconds,
+        "rows_per_s": len(rows) / wall, "overhead_ratio": wall / forward.seconds if forward.seconds else None,
+        "import_s": import_s,
+    }
+
+
+# ---------------------------------------------------------------- report
+
+def table(rows, header):
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(str(cell).ljust(width) if i == 0 else str(cell).rjust(width) for i, (cell, width) in enumerate(zip(row, widths)))
+             for row in [header] + rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value, digits=3):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def measure(args, work_dir):
+    """Every measurement; returns the figures and the tables that show them."""
+    if not args.model_given:
+        config.MODEL_NAME = build_tiny_qwen3(os.path.join(work_dir, "model"), seed=config.SEED, layers=args.layers, hidden=args.hidden)
+        model_label = f"random-init Qwen3, {args.layers} layers, hidden {args.hidden}"
+    else:
+        model_label = config.MODEL_NAME
+    config.OUTPUT_DIR = os.path.join(work_dir, "output")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = resolve_precision(config.PRECISION, device)
+    df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True).reset_index(drop=True)
+    absent = [q for q in config.QUESTION_IDS if q not in set(df["QuestionId"])]
+    if absent and not args.padding_only:  # only the timed runs use --questions
+        raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
+    tokenizer = load_tokenizer(config.MODEL_NAME)
+
+    clock = time.perf_counter()
+    prompt_stats, input_ids = prompt_lengths(df, tokenizer)
+    prompt_s = time.perf_counter() - clock
+    clock = time.perf_counter()
+    base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], device)
+    train_padding = training_padding(df, tokenizer, base_model, precision)
+    del base_model
+    infer_padding = inference_padding(df, input_ids, tokenizer)
+    padding_s = time.perf_counter() - clock
+    train_total, infer_total = total(train_padding.values()), total(infer_padding.values())
+
+    result = {
+        "padding_efficiency_train": train_total.efficiency(), "padding_efficiency_infer": infer_total.efficiency(),
+        "train_tokens_real": train_total.real, "train_tokens_computed": train_total.computed, "train_batches": train_total.batches,
+        "infer_tokens_real": infer_total.real, "infer_tokens_computed": infer_total.computed, "infer_batches": infer_total.batches,
+        "prompt_tokens": prompt_stats, "prompt_encode_s": prompt_s, "padding_measure_s": padding_s,
+    }
+    report = [
+        f"model: {model_label}; data: {config.TRAIN_DATA_PATH} ({len(df)} rows); device: {device} ({precision}), "
+        f"{torch.get_num_threads()} threads",
+        f"settings: prompt {config.PROMPT_VERSION}, max_len {config.MAX_LEN}, train batch {config.TRAIN_BATCH_SIZE}, "
+        f"eval batch {config.EVAL_BATCH_SIZE}, pad_to_multiple_of {config.PAD_TO_MULTIPLE_OF}, epochs {config.EPOCHS}\n",
+        table([[version, s["rows"], fmt(s["mean_tokens"], 1), fmt(s["p95_tokens"], 0), s["max_tokens"], s["shortened"], s["over_max_len"]]
+               for version, s in prompt_stats.items()],
+              ["prompt tokens", "rows", "mean", "p95", "max", "shortened", f"over {config.MAX_LEN}"]),
+        table([[question_id, *([train_padding[question_id].batches, fmt(train_padding[question_id].efficiency())]
+                               if question_id in train_padding else ["-", "skipped"]),
+                infer_padding[question_id].batches, fmt(infer_padding[question_id].efficiency())]
+               for question_id in infer_padding]
+              + [["all", train_total.batches, fmt(train_total.efficiency()), infer_total.batches, fmt(infer_total.efficiency())]],
+              ["padding efficiency", "train batches", "train", "infer batches", "infer"]),
+    ]
+    if args.padding_only:
+        return result, report
+
+    timed = timed_training(df, args.rows, work_dir)
+    submitted = timed_submit(df, args.submit_rows, work_dir)
+    result.update({
+        "train_tokens_per_s": timed["tokens_per_s"], "train_computed_tokens_per_s": timed["computed_tokens_per_s"],
+        "train_wall_tokens_per_s": timed["wall_tokens_per_s"], "train_rows": timed["rows"], "train_wall_s": timed["wall_s"],
+        "train_loop_s": timed["loop_s"], "train_evaluate_s": timed["evaluate_s"], "train_evaluations": timed["evaluations"],
+        "train_run_tokens_real": timed["counts"].real, "padding_efficiency_train_run": timed["counts"].efficiency(),
+        "submit_rows": submitted["rows"], "submit_wall_s": submitted["wall_s"], "submit_forward_s": submitted["forward_s"],
+        "submit_rows_per_s": submitted["rows_per_s"], "submit_overhead_ratio": submitted["overhead_ratio"],
+        "base_loads": submitted["base_loads"], "padding_efficiency_submit": submitted["counts"].efficiency(),
+        "submit_seconds": submitted["seconds"], "submit_import_s": submitted["import_s"],
+    })
+    questions = ",".join(map(str, config.QUESTION_IDS))
+    report += [
+        table([["rows (train + validation)", timed["rows"]], ["wall s", fmt(timed["wall_s"], 1)],
+               ["training loop s (evaluations left out)", fmt(timed["loop_s"], 1)],
+               [f"evaluation s ({timed['evaluations']} evaluations)", fmt(timed["evaluate_s"], 1)],
+               ["real tokens / loop s", fmt(timed["tokens_per_s"], 0)],
+               ["computed tokens / loop s", fmt(timed["computed_tokens_per_s"], 0)],
+               ["real tokens / wall s", fmt(timed["wall_tokens_per_s"], 0)],
+               ["padding efficiency of its batches", fmt(timed["counts"].efficiency())]],
+              [f"train.py, questions {questions}", "value"]),
+        table([[name, fmt(seconds, 2), fmt(100 * seconds / submitted["wall_s"], 1)]
+               for name, seconds in sorted(submitted["seconds"].items(), key=lambda item: -item[1])]
+              + [["wall", fmt(submitted["wall_s"], 2), "100.0"]],
+              [f"submit.py, {submitted['rows']} rows", "s", "%"]),
+        f"submit: {fmt(submitted['rows_per_s'], 1)} rows/s; wall / forward {fmt(submitted['overhead_ratio'])}; "
+        f"base-model loads {submitted['base_loads']}; padding efficiency {fmt(submitted['counts'].efficiency())}\n"
+        f"(a `python submit.py` process adds {fmt(submitted['import_s'], 1)} s of interpreter start and imports before main, "
+        f"not in the ratio)",
+    ]
+    return result, report
+
+
+def main(argv=None):
+    config.update({"QUESTION_IDS": DEFAULT_QUESTIONS})
+    default_model = config.MODEL_NAME
+    args = config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, extra_arguments=extra_arguments)
+    args.model_given = config.MODEL_NAME != default_model
+    setup_logging()
+    # The tables are the output: train.py's progress and the failures this script provokes on purpose
+    # (BatchesCounted) would only bury them.
+    logging.getLogger().setLevel(logging.CRITICAL)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="map_bench_") as work_dir:
+            result, report = measure(args, work_dir)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    finally:
+        logging.getLogger().setLevel(logging.INFO)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["seconds"] = time.perf_counter() - started
+    # On a shared machine the timings mean little without the load they were taken under.
+    result["load_average"] = os.getloadavg()[0]
+    print("\n".join(report))
+    print(f"peak RSS {result['peak_rss_mb']:.0f} MB; benchmark took {result['seconds']:.0f} s; "
+          f"load average {result['load_average']:.1f} on {os.cpu_count()} CPUs")
+    print(json.dumps(result, sort_keys=True))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() is not None else 2)
