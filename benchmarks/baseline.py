@@ -1,7 +1,8 @@
-"""TF-IDF + logistic regression per question, on train.py's own validation split.
+"""TF-IDF + logistic regression per question, on train.py's own validation split or folds.
 
 The bar a fine-tuned model has to clear: `python benchmarks/baseline.py --train-data train.csv --questions 33471,109465`
-prints validation MAP@3 per question and row-weighted overall, with the same correctness mask as train.py.
+prints validation MAP@3 per question and row-weighted overall, with the same correctness mask as train.py;
+with `--folds K`, out-of-fold MAP@3 over every row, on the same folds as `train.py --folds K`.
 """
 import os
 import sys
@@ -17,29 +18,34 @@ from train import fold_splits  # noqa: E402
 from utils import TARGET_COLUMN, correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
 
 
-def baseline_map3(rows, train_idx, val_idx):
+def baseline_map3(rows, splits):
+    """MAP@3 (masked and not) over the validation rows of every split, each predicted by a model fit without them."""
     text = (rows["MC_Answer"] + " || " + rows["StudentExplanation"]).to_numpy()
     labels = rows[TARGET_COLUMN].to_numpy()
-    model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=10, max_iter=3000))
-    model.fit(text[train_idx], labels[train_idx])
-    probs = model.predict_proba(text[val_idx])
-    correct = correctness_of(rows.iloc[val_idx])
-    return {mask: map_at_k(labels[val_idx], decode_top_k(probs, model.classes_, correct, mask)) for mask in (True, False)}
+    truth, predicted = [], {True: [], False: []}
+    for train_idx, val_idx in splits:
+        model = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), LogisticRegression(C=10, max_iter=3000))
+        model.fit(text[train_idx], labels[train_idx])
+        probs = model.predict_proba(text[val_idx])
+        correct = correctness_of(rows.iloc[val_idx])
+        truth += list(labels[val_idx])
+        for mask in predicted:
+            predicted[mask] += decode_top_k(probs, model.classes_, correct, mask)
+    return {mask: map_at_k(truth, predicted[mask]) for mask in predicted}, len(truth)
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "QUESTION_IDS", "VAL_FRACTION", "SEED"], argv)
+    config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "QUESTION_IDS", "VAL_FRACTION", "SEED", "FOLDS"], argv)
     df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
     scores, weights = [], []
     for question_id in config.QUESTION_IDS:
         rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
         if rows[TARGET_COLUMN].nunique() < 2:
             continue
-        train_idx, val_idx = fold_splits(rows, 1, config.SEED)[0]
-        score = baseline_map3(rows, train_idx, val_idx)
+        score, val_rows = baseline_map3(rows, fold_splits(rows, config.FOLDS, config.SEED))
         scores.append([score[True], score[False]])
-        weights.append(len(val_idx))
-        print(f"question {question_id}: val rows {len(val_idx)}, MAP@3 {score[True]:.4f} (unmasked {score[False]:.4f})")
+        weights.append(val_rows)
+        print(f"question {question_id}: val rows {val_rows}, MAP@3 {score[True]:.4f} (unmasked {score[False]:.4f})")
     overall = np.average(scores, axis=0, weights=weights)
     print(f"overall (row-weighted): MAP@3 {overall[0]:.4f} (unmasked {overall[1]:.4f})")
 

@@ -172,3 +172,14 @@ def test_gpu_script_reads_real_rows(train_csv):
     assert result["prompt_tokens"]["rows"] == 64 and result["prompt_tokens"]["max_tokens"] <= config.MAX_LEN
     training = result["precisions"]["fp32"]["train"]
     assert training["steps"] == 1 and training["rows"] == 8
+
+
+def test_baseline_scores_every_row_out_of_fold(train_csv, capsys):
+    baseline = load_script("baseline")
+    baseline.main(["--train-data", train_csv, "--questions", "31772,33471", "--folds", "3"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = read_competition_csv(train_csv, labelled=True)["QuestionId"].value_counts()
+    assert lines[0].startswith(f"question 31772: val rows {rows[31772]}, MAP@3 ")
+    assert lines[1].startswith(f"question 33471: val rows {rows[33471]}, MAP@3 ")
+    overall = float(lines[2].split("MAP@3 ")[1].split()[0])
+    assert 0.5 < overall <= 1.0  # the synthetic explanations carry the label's words
