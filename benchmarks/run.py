@@ -200,6 +200,20 @@ class BatchesCounted(Exception):
     """Ends a question's training once its batches have been counted."""
 
 
+def run_patched(script_main, argv, patches):
+    """Wall time of a script's main run under the patches; a failing run is an error."""
+    start_all(patches)
+    try:
+        start = time.perf_counter()
+        code = script_main(argv)
+        wall = time.perf_counter() - start
+    finally:
+        stop_all(patches)
+    if code != 0:
+        raise RuntimeError(f"{script_main.__module__}.main exited with {code}")
+    return wall
+
+
 def start_all(patches):
     for patch in patches:
         patch.start()
@@ -293,15 +307,7 @@ def timed_training(df, rows_per_question, work_dir):
                + watch.patches(train, "load_base_model", "encode_prompts", "save_adapter"))
     argv = setting_flags([name for name in SETTINGS if name != "TRAIN_DATA_PATH"])
     argv += ["--train-data", subset_path, "--output-dir", config.OUTPUT_DIR]
-    start_all(patches)
-    try:
-        start = time.perf_counter()
-        code = train.main(argv)
-        wall = time.perf_counter() - start
-    finally:
-        stop_all(patches)
-    if code != 0:
-        raise RuntimeError(f"train.main exited with {code}")
+    wall = run_patched(train.main, argv, patches)
     counts = collators.counts("train")
     # MapTrainer.train's self time: the training loop without its evaluations (timed apart, adapter saves in them).
     loop = watch.seconds["train"]
@@ -340,16 +346,10 @@ def timed_submit(df, n_rows, work_dir):
     argv = ["--model", config.MODEL_NAME, "--test-data", test_path, "--output-dir", config.OUTPUT_DIR,
             "--submission", os.path.join(work_dir, "submission.csv"), "--batch-size", str(config.EVAL_BATCH_SIZE),
             "--questions", ",".join(map(str, config.QUESTION_IDS)), "--pad-to-multiple-of", str(config.PAD_TO_MULTIPLE_OF)]
-    start_all(patches)
     try:
-        start = time.perf_counter()
-        code = submit.main(argv)
-        wall = time.perf_counter() - start
+        wall = run_patched(submit.main, argv, patches)
     finally:
-        stop_all(patches)
         forward.detach()
-    if code != 0:
-        raise RuntimeError(f"submit.main exited with {code}")
     # A `python submit.py` process also starts an interpreter and imports torch, transformers and peft
     # before main runs: timed apart, in a fresh process, and left out of the ratio (as the goal defines it).
     start = time.perf_counter()
