@@ -5,7 +5,6 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import config
 import train
