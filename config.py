@@ -31,6 +31,7 @@ LEARNING_RATE = 2e-4
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.1
 LR_SCHEDULER = "linear"
+LABEL_SMOOTHING = 0.0
 VAL_FRACTION = 0.2
 SEED = 42
 EVAL_STEPS = 0.1
@@ -85,6 +86,7 @@ HELP = {
     "WEIGHT_DECAY": "AdamW weight decay",
     "WARMUP_RATIO": "fraction of the optimizer steps spent warming up",
     "LR_SCHEDULER": "transformers learning-rate schedule name",
+    "LABEL_SMOOTHING": "label smoothing of the training loss (0: none)",
     "VAL_FRACTION": "fraction of each question's rows held out for validation",
     "SEED": "random seed (split, head init, data order)",
     "EVAL_STEPS": "evaluate every N optimizer steps; a value below 1 is a fraction of the run",
@@ -127,6 +129,7 @@ FLAGS = {
     "WEIGHT_DECAY": "--weight-decay",
     "WARMUP_RATIO": "--warmup-ratio",
     "LR_SCHEDULER": "--lr-scheduler",
+    "LABEL_SMOOTHING": "--label-smoothing",
     "VAL_FRACTION": "--val-fraction",
     "SEED": "--seed",
     "EVAL_STEPS": "--eval-steps",

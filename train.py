@@ -36,7 +36,7 @@ from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, correct
 SETTINGS = [
     "MODEL_NAME", "TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS",
     "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "LEARNING_RATE", "WEIGHT_DECAY",
-    "WARMUP_RATIO", "LR_SCHEDULER", "VAL_FRACTION", "SEED", "EVAL_STEPS", "LOGGING_STEPS",
+    "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "VAL_FRACTION", "SEED", "EVAL_STEPS", "LOGGING_STEPS",
     "GRADIENT_CHECKPOINTING", "PAD_TO_MULTIPLE_OF", "PRECISION", "OVERWRITE", "LORA_RANK", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB", "WANDB_PROJECT", "DEMO",
     "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD", "SUMMARIZE_ONLY",
@@ -125,6 +125,7 @@ def training_arguments(output_dir, n_train, precision):
         # An int count: transformers 4.x reads a float warmup_steps as a step count, 5.x as a ratio.
         warmup_steps=math.ceil(config.WARMUP_RATIO * total_steps),
         lr_scheduler_type=config.LR_SCHEDULER,
+        label_smoothing_factor=config.LABEL_SMOOTHING,
         eval_strategy="steps",
         eval_steps=int(eval_steps),
         save_strategy="no",

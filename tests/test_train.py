@@ -174,3 +174,13 @@ def test_demo_keeps_settings_given_on_the_command_line(tmp_path, monkeypatch):
     assert config.EPOCHS == 3
     assert config.LEARNING_RATE == config.DEMO_SETTINGS["LEARNING_RATE"]
     assert config.OUTPUT_DIR == str(tmp_path) and os.path.isfile(config.TRAIN_DATA_PATH)
+
+
+def test_label_smoothing_raises_the_training_loss(tiny_model, train_csv, tmp_path):
+    losses = {}
+    for smoothing in ("0", "0.5"):
+        output_dir = tmp_path / smoothing
+        assert train.main(train_args(tiny_model, train_csv, output_dir, "--questions", "33471", "--label-smoothing", smoothing)) == 0
+        history = json.load(open(output_dir / "question_33471" / "logs" / "log_history.json"))
+        losses[smoothing] = next(entry["train_loss"] for entry in history if "train_loss" in entry)
+    assert losses["0.5"] > losses["0"] + 0.1, losses
