@@ -57,6 +57,7 @@ SUMMARIZE_ONLY = False
 # Inference
 CHECKPOINT = "best_map3"
 CORRECTNESS_MASK = True
+MERGE_LORA = True
 
 # Experiment tracking
 USE_WANDB = False
@@ -106,6 +107,7 @@ HELP = {
     "LORA_TARGET_MODULES": "comma-separated module names LoRA adapts",
     "CHECKPOINT": "adapter to load: best_map3 (best validation MAP@3) or best (final)",
     "CORRECTNESS_MASK": "rank labels whose True_/False_ prefix matches the chosen answer's correctness first",
+    "MERGE_LORA": "fold LoRA into the base weights while predicting a question (the base is restored exactly)",
     "USE_WANDB": "log each question as a wandb run (one group per output dir)",
     "WANDB_PROJECT": "wandb project name",
     "DEMO": "run on generated data with a tiny random Qwen3 (no downloads needed)",
@@ -149,6 +151,7 @@ FLAGS = {
     "LORA_TARGET_MODULES": "--lora-targets",
     "CHECKPOINT": "--checkpoint",
     "CORRECTNESS_MASK": "--correctness-mask",
+    "MERGE_LORA": "--merge-lora",
     "USE_WANDB": "--wandb",
     "WANDB_PROJECT": "--wandb-project",
     "DEMO": "--demo",

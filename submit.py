@@ -5,6 +5,7 @@ A question without a usable model falls back to its training label frequencies, 
 
     python submit.py --test-data test.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
+import contextlib
 import copy
 import os
 import sys
@@ -20,12 +21,12 @@ import config
 from data_collator import build_data_collator
 from prompts import encode_prompts
 from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_of, decode_top_k, load_adapter,
-                   load_base_model, load_tokenizer, log, predict_logits, read_competition_csv, read_question_results,
+                   load_base_model, load_tokenizer, log, lora_merged, predict_logits, read_competition_csv, read_question_results,
                    resolve_precision, setup_logging, softmax)
 
 SETTINGS = [
     "MODEL_NAME", "TEST_DATA_PATH", "OUTPUT_DIR", "SUBMISSION_PATH", "CHECKPOINT", "EVAL_BATCH_SIZE",
-    "QUESTION_IDS", "CORRECTNESS_MASK", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
+    "QUESTION_IDS", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
 ]
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
@@ -78,7 +79,8 @@ class Predictor:
                 log.warning("question %s: skipping %s (%s: %s)", question_id, path, type(error).__name__, error)
                 continue
             try:
-                probs.append(softmax(predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)))
+                with lora_merged(model) if config.MERGE_LORA else contextlib.nullcontext():
+                    probs.append(softmax(predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)))
             finally:
                 model.unload()
         if not probs:

@@ -1,4 +1,5 @@
 """Shared by train.py and submit.py: data I/O and validation, labels, the metric, and model loading."""
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import torch
 import transformers
 from sklearn.preprocessing import LabelEncoder
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -274,3 +276,21 @@ def load_adapter(base_model, adapter_dir, num_labels):
         model.unload()
         raise
     return model.eval()
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Fold the LoRA weights into the base weights while inside (no extra LoRA matmuls per layer).
+
+    The base weights are copied first and put back exactly afterwards: unmerging by subtraction would drift
+    in fp16/bf16, and the base model serves every question.
+    """
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+    originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
+    model.merge_adapter()
+    try:
+        yield model
+    finally:
+        for layer, weight in zip(layers, originals):
+            layer.get_base_layer().weight.data.copy_(weight)
+            layer.merged_adapters.clear()

@@ -2,8 +2,10 @@
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 import transformers
 
 import config
@@ -76,6 +78,24 @@ def test_swapping_leaves_the_base_model_unchanged(trained, tiny_model):
     after = {name: value for name, value in restored.state_dict().items() if "score" not in name}
     assert after.keys() == before.keys()
     assert all((after[name] == before[name]).all() for name in before)
+
+
+def test_merged_lora_predicts_as_unmerged_and_restores_the_base_exactly(trained, tiny_model):
+    from utils import lora_merged
+    tokenizer = load_tokenizer(tiny_model)
+    base = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
+    before = {name: value.clone() for name, value in base.state_dict().items() if "score" not in name}
+    classes = read_json(os.path.join(trained["output_dir"], "summary", "question_31772_results.json"))["classes"]
+    model = load_adapter(base, os.path.join(trained["output_dir"], "question_31772", "best_map3"), len(classes))
+    probe = [tokenizer("Answer: 3 (incorrect)\nExplanation: mistake wnb")["input_ids"], [1, 2, 3]]
+    collator = submit.build_data_collator(tokenizer)
+    unmerged = predict_logits(model, probe, collator, 2, "fp32")
+    with lora_merged(model):
+        merged = predict_logits(model, probe, collator, 2, "fp32")
+    np.testing.assert_allclose(merged, unmerged, atol=1e-5)
+    assert np.allclose(predict_logits(model, probe, collator, 2, "fp32"), unmerged, atol=1e-6)
+    after = {name: value for name, value in model.unload().state_dict().items() if "score" not in name}
+    assert all(torch.equal(after[name], before[name]) for name in before)
 
 
 def test_correctness_mask_keeps_predictions_on_the_side_of_the_answer(trained, tiny_model, test_csv, tmp_path):
