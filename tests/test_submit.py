@@ -66,27 +66,33 @@ def test_swapped_adapters_predict_as_each_adapter_alone(trained, tiny_model, tes
         assert swapped == alone.predict(question_id, rows, results[question_id], fill)
 
 
-def test_swapping_leaves_the_base_model_unchanged(trained, tiny_model):
+def base_weights(model):
+    return {name: value.clone() for name, value in model.state_dict().items() if "score" not in name}
+
+
+@pytest.fixture
+def adapter_on_fresh_base(trained, tiny_model):
+    """(tokenizer, the base's weights before, question 31772's adapter attached to that base, its classes)."""
     tokenizer = load_tokenizer(tiny_model)
     base = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
-    before = {name: value.clone() for name, value in base.state_dict().items() if "score" not in name}
+    before = base_weights(base)
     classes = read_json(os.path.join(trained["output_dir"], "summary", "question_31772_results.json"))["classes"]
     model = load_adapter(base, os.path.join(trained["output_dir"], "question_31772", "best_map3"), len(classes))
+    return tokenizer, before, model, classes
+
+
+def test_swapping_leaves_the_base_model_unchanged(adapter_on_fresh_base):
+    tokenizer, before, model, classes = adapter_on_fresh_base
     logits = predict_logits(model, [[1, 2, 3]], submit.build_data_collator(tokenizer), 1, "fp32")
     assert logits.shape == (1, len(classes))
-    restored = model.unload()
-    after = {name: value for name, value in restored.state_dict().items() if "score" not in name}
+    after = base_weights(model.unload())
     assert after.keys() == before.keys()
     assert all((after[name] == before[name]).all() for name in before)
 
 
-def test_merged_lora_predicts_as_unmerged_and_restores_the_base_exactly(trained, tiny_model):
+def test_merged_lora_predicts_as_unmerged_and_restores_the_base_exactly(adapter_on_fresh_base):
     from utils import lora_merged
-    tokenizer = load_tokenizer(tiny_model)
-    base = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
-    before = {name: value.clone() for name, value in base.state_dict().items() if "score" not in name}
-    classes = read_json(os.path.join(trained["output_dir"], "summary", "question_31772_results.json"))["classes"]
-    model = load_adapter(base, os.path.join(trained["output_dir"], "question_31772", "best_map3"), len(classes))
+    tokenizer, before, model, _ = adapter_on_fresh_base
     probe = [tokenizer("Answer: 3 (incorrect)\nExplanation: mistake wnb")["input_ids"], [1, 2, 3]]
     collator = submit.build_data_collator(tokenizer)
     unmerged = predict_logits(model, probe, collator, 2, "fp32")
@@ -94,7 +100,7 @@ def test_merged_lora_predicts_as_unmerged_and_restores_the_base_exactly(trained,
         merged = predict_logits(model, probe, collator, 2, "fp32")
     np.testing.assert_allclose(merged, unmerged, atol=1e-5)
     assert np.allclose(predict_logits(model, probe, collator, 2, "fp32"), unmerged, atol=1e-6)
-    after = {name: value for name, value in model.unload().state_dict().items() if "score" not in name}
+    after = base_weights(model.unload())
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
