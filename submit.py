@@ -133,9 +133,11 @@ def predict(test_df, devices=None):
         tokenizer = load_tokenizer(config.MODEL_NAME, offline=True)
         precision = resolve_precision(config.PRECISION, devices[0])
         base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
-        # Each extra device gets copies: a fast tokenizer must not be shared between threads.
-        predictors = [Predictor(base_model, tokenizer, devices[0])] + [
-            Predictor(copy.deepcopy(base_model), copy.deepcopy(tokenizer), device) for device in devices[1:]]
+        # Each extra device gets copies, made on the CPU before the first device takes the original; a fast
+        # tokenizer must not be shared between threads.
+        copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
+        predictors = [Predictor(model, device_tokenizer, device)
+                      for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
     predictions = {}
 
     def run(worker):
