@@ -32,6 +32,8 @@ WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.1
 LR_SCHEDULER = "linear"
 LABEL_SMOOTHING = 0.0
+CLASS_WEIGHT_POWER = 0.0
+DUPLICATES = "keep"
 VAL_FRACTION = 0.2
 SEED = 42
 EVAL_STEPS = 0.1
@@ -88,6 +90,9 @@ HELP = {
     "WARMUP_RATIO": "fraction of the optimizer steps spent warming up",
     "LR_SCHEDULER": "transformers learning-rate schedule name",
     "LABEL_SMOOTHING": "label smoothing of the training loss (0: none)",
+    "CLASS_WEIGHT_POWER": "weight each class's loss by (rows / class rows) ** power (0: unweighted, 1: balanced)",
+    "DUPLICATES": "training rows that repeat a text with different labels: keep, drop, or majority (relabel to the "
+                  "group's most common label; a tie drops the group); validation rows are never changed",
     "VAL_FRACTION": "fraction of each question's rows held out for validation",
     "SEED": "random seed (split, head init, data order)",
     "EVAL_STEPS": "evaluate every N optimizer steps; a value below 1 is a fraction of the run",
@@ -132,6 +137,8 @@ FLAGS = {
     "WARMUP_RATIO": "--warmup-ratio",
     "LR_SCHEDULER": "--lr-scheduler",
     "LABEL_SMOOTHING": "--label-smoothing",
+    "CLASS_WEIGHT_POWER": "--class-weight-power",
+    "DUPLICATES": "--duplicates",
     "VAL_FRACTION": "--val-fraction",
     "SEED": "--seed",
     "EVAL_STEPS": "--eval-steps",
@@ -161,6 +168,7 @@ FLAGS = {
 CHOICES = {
     "PRECISION": ["auto", "bf16", "fp16", "fp32"],
     "CHECKPOINT": ["best_map3", "best"],
+    "DUPLICATES": ["keep", "drop", "majority"],
 }
 
 

@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, TaskType
 from sklearn.model_selection import StratifiedGroupKFold
 from transformers import Trainer, TrainingArguments, set_seed
@@ -36,11 +37,50 @@ from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, correct
 SETTINGS = [
     "MODEL_NAME", "TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS",
     "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "LEARNING_RATE", "WEIGHT_DECAY",
-    "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "VAL_FRACTION", "SEED", "EVAL_STEPS", "LOGGING_STEPS",
+    "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER", "DUPLICATES", "VAL_FRACTION", "SEED", "EVAL_STEPS", "LOGGING_STEPS",
     "GRADIENT_CHECKPOINTING", "PAD_TO_MULTIPLE_OF", "PRECISION", "OVERWRITE", "LORA_RANK", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB", "WANDB_PROJECT", "DEMO",
     "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD", "SUMMARIZE_ONLY",
 ]
+
+
+def text_groups(rows):
+    """One key per distinct (answer, explanation) text; rows that repeat a text share it."""
+    return (rows["MC_Answer"] + "\x00" + rows["StudentExplanation"].str.strip().str.lower()).to_numpy()
+
+
+def resolve_duplicates(groups, labels, policy):
+    """(labels to train on, rows to train on) after `policy` for texts repeated with different labels."""
+    labels = labels.copy()
+    keep = np.ones(len(labels), dtype=bool)
+    if policy == "keep":
+        return labels, keep
+    table = pd.DataFrame({"group": groups, "label": labels})
+    conflicting = table[table.groupby("group")["label"].transform("nunique") > 1]
+    for _, members in conflicting.groupby("group")["label"]:
+        counts = members.value_counts()
+        if policy == "majority" and counts.iloc[0] > counts.iloc[1]:
+            labels[members.index] = counts.index[0]
+        else:
+            keep[members.index] = False
+    return labels, keep
+
+
+def class_weights(labels, num_classes, power):
+    """Loss weight per class, (rows / class rows) ** power, scaled so the mean weight over the rows is 1."""
+    counts = np.bincount(labels, minlength=num_classes)
+    weights = (len(labels) / np.maximum(counts, 1)) ** power
+    return torch.tensor(weights / weights[labels].mean(), dtype=torch.float32)
+
+
+def training_loss(weights):
+    """Cross-entropy with class weights and label smoothing, normalised over the whole accumulated batch."""
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits = outputs["logits"].float()
+        total = F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=config.LABEL_SMOOTHING,
+                                reduction="sum")
+        return total / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+    return loss
 
 
 def fold_splits(rows, folds, seed):
@@ -50,7 +90,7 @@ def fold_splits(rows, folds, seed):
     """
     n_splits = folds if folds > 1 else max(2, round(1 / config.VAL_FRACTION))
     labels = rows[TARGET_COLUMN].to_numpy()
-    groups = (rows["MC_Answer"] + "\x00" + rows["StudentExplanation"].str.strip().str.lower()).to_numpy()
+    groups = text_groups(rows)
     if len(set(groups)) < n_splits:
         raise InputError(f"question {rows['QuestionId'].iloc[0]}: {len(set(groups))} distinct texts, too few for {n_splits} folds")
     with warnings.catch_warnings():
@@ -125,7 +165,6 @@ def training_arguments(output_dir, n_train, precision):
         # An int count: transformers 4.x reads a float warmup_steps as a step count, 5.x as a ratio.
         warmup_steps=math.ceil(config.WARMUP_RATIO * total_steps),
         lr_scheduler_type=config.LR_SCHEDULER,
-        label_smoothing_factor=config.LABEL_SMOOTHING,
         eval_strategy="steps",
         eval_steps=int(eval_steps),
         save_strategy="no",
@@ -147,8 +186,12 @@ def training_arguments(output_dir, n_train, precision):
     return TrainingArguments(**kwargs)
 
 
-def train_fold(question_id, fold, input_ids, labels, correct, classes, train_idx, val_idx, tokenizer, base_model, precision):
-    """Fine-tune on train_idx, evaluate on val_idx; save best_map3/ and best/. The base model is left clean."""
+def train_fold(question_id, fold, input_ids, labels, train_labels, correct, classes, train_idx, val_idx, tokenizer,
+               base_model, precision):
+    """Fine-tune on train_idx with train_labels, evaluate on val_idx with labels; save best_map3/ and best/.
+
+    The base model is left clean.
+    """
     lora_config = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=config.LORA_RANK, lora_alpha=config.LORA_ALPHA,
         lora_dropout=config.LORA_DROPOUT, target_modules=config.LORA_TARGET_MODULES,
@@ -161,8 +204,9 @@ def train_fold(question_id, fold, input_ids, labels, correct, classes, train_idx
             model=model,
             args=training_arguments(work_dir, len(train_idx), precision),
             data_collator=build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF),
-            train_dataset=[{"input_ids": input_ids[i], "labels": int(labels[i])} for i in train_idx],
+            train_dataset=[{"input_ids": input_ids[i], "labels": int(train_labels[i])} for i in train_idx],
             eval_dataset=[{"input_ids": input_ids[i], "labels": int(labels[i])} for i in val_idx],
+            compute_loss_func=training_loss(class_weights(train_labels[train_idx], len(classes), config.CLASS_WEIGHT_POWER)),
             val_input_ids=[input_ids[i] for i in val_idx],
             val_labels=labels[val_idx],
             val_correct=[correct[i] for i in val_idx],
@@ -224,16 +268,20 @@ def train_question(question_id, rows, tokenizer, base_model, precision):
              prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
     labels = encoder.transform(rows[TARGET_COLUMN])
     correct = correctness_of(rows)
+    # Repeated texts never straddle a split, so resolving them over all rows equals resolving each training side.
+    train_labels, trainable = resolve_duplicates(text_groups(rows), labels, config.DUPLICATES)
+    splits = [(train_idx[trainable[train_idx]], val_idx) for train_idx, val_idx in splits]
     if config.FOLDS == 1:
-        fold_result, _ = train_fold(question_id, None, input_ids, labels, correct, classes, *splits[0], tokenizer, base_model, precision)
+        fold_result, _ = train_fold(question_id, None, input_ids, labels, train_labels, correct, classes, *splits[0],
+                                    tokenizer, base_model, precision)
         return {**result, **fold_result, "status": "succeeded", "prompt_stats": prompt_stats}
 
     fold_of_row = np.zeros(len(rows), dtype=int)
     oof = {checkpoint: np.zeros((len(rows), len(classes))) for checkpoint in ("best_map3", "best")}
     fold_results = []
     for fold, (train_idx, val_idx) in enumerate(splits):
-        fold_result, probs = train_fold(question_id, fold, input_ids, labels, correct, classes, train_idx, val_idx,
-                                        tokenizer, base_model, precision)
+        fold_result, probs = train_fold(question_id, fold, input_ids, labels, train_labels, correct, classes, train_idx,
+                                        val_idx, tokenizer, base_model, precision)
         fold_results.append(fold_result)
         fold_of_row[val_idx] = fold
         for checkpoint in oof:

@@ -184,3 +184,69 @@ def test_label_smoothing_raises_the_training_loss(tiny_model, train_csv, tmp_pat
         history = json.load(open(output_dir / "question_33471" / "logs" / "log_history.json"))
         losses[smoothing] = next(entry["train_loss"] for entry in history if "train_loss" in entry)
     assert losses["0.5"] > losses["0"] + 0.1, losses
+
+
+def test_duplicate_policies_resolve_conflicting_texts():
+    groups = np.array(["a", "a", "a", "b", "b", "c", "c", "d"])
+    labels = np.array([0, 0, 1, 2, 3, 1, 1, 2])
+    kept_labels, kept = train.resolve_duplicates(groups, labels, "keep")
+    assert kept.all() and (kept_labels == labels).all()
+    dropped_labels, kept = train.resolve_duplicates(groups, labels, "drop")
+    assert kept.tolist() == [False, False, False, False, False, True, True, True] and (dropped_labels == labels).all()
+    majority_labels, kept = train.resolve_duplicates(groups, labels, "majority")
+    # "a" takes its majority label 0; "b" is a 1-1 tie and is dropped; agreeing groups are untouched.
+    assert majority_labels.tolist() == [0, 0, 0, 2, 3, 1, 1, 2]
+    assert kept.tolist() == [True, True, True, False, False, True, True, True]
+    assert labels.tolist() == [0, 0, 1, 2, 3, 1, 1, 2]
+
+
+def test_class_weights_balance_the_classes_and_average_one():
+    labels = np.array([0] * 6 + [1] * 3 + [2])
+    assert train.class_weights(labels, 4, 0.0).tolist() == [1.0] * 4
+    weights = train.class_weights(labels, 4, 1.0).numpy()
+    per_class_total = weights[:3] * np.bincount(labels)
+    assert np.allclose(per_class_total, per_class_total[0])
+    assert weights[labels].mean() == pytest.approx(1.0)
+    sqrt = train.class_weights(labels, 4, 0.5).numpy()
+    assert sqrt[2] / sqrt[0] == pytest.approx(6 ** 0.5, rel=1e-5)
+
+
+def test_training_loss_matches_cross_entropy():
+    import torch
+    import torch.nn.functional as F
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 2, 0])
+    unweighted = train.training_loss(torch.ones(3))
+    assert unweighted({"logits": logits}, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    # Normalised by the accumulated batch's row count, so two half-batches sum to the full-batch mean.
+    halves = unweighted({"logits": logits[:2]}, labels[:2], 5) + unweighted({"logits": logits[2:]}, labels[2:], 5)
+    assert halves.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    weights = torch.tensor([2.0, 1.0, 0.5])
+    expected = (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
+    assert train.training_loss(weights)({"logits": logits}, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_duplicates_drop_trains_without_the_conflicting_rows(tiny_model, train_csv, tmp_path):
+    rows = pd.read_csv(train_csv, keep_default_na=False)
+    question = rows[rows["QuestionId"] == 33471]
+    first = question.iloc[0]
+    other_label = next(label for label in question["Category"] + ":" + question["Misconception"]
+                       if label != f"{first.Category}:{first.Misconception}")
+    # Three copies of the first row's text, one with a different label: a conflicting group of four rows.
+    conflict = pd.DataFrame([first] * 3)
+    conflict["row_id"] = rows["row_id"].max() + np.arange(1, 4)
+    conflict.iloc[0, conflict.columns.get_loc("Category")], conflict.iloc[0, conflict.columns.get_loc("Misconception")] = \
+        other_label.split(":")
+    data = tmp_path / "conflict.csv"
+    pd.concat([rows, conflict]).to_csv(data, index=False)
+    train_rows = {}
+    for policy in ("keep", "drop"):
+        output_dir = tmp_path / policy
+        assert train.main(train_args(tiny_model, str(data), output_dir, "--questions", "33471", "--folds", "2",
+                                     "--duplicates", policy)) == 0
+        result = results(output_dir, 33471)
+        train_rows[policy] = sum(fold["train_rows"] for fold in result["fold_results"])
+        oof = pd.read_csv(output_dir / "question_33471" / "oof_best_map3.csv", keep_default_na=False)
+        assert sorted(oof["row_id"]) == sorted(pd.concat([question, conflict])["row_id"])
+    # The group sits in one fold's training side (and in the other's validation side, which is never changed).
+    assert train_rows["keep"] - train_rows["drop"] == 4

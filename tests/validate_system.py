@@ -75,6 +75,7 @@ def check_config(checks):
         ("EVAL_BATCH_SIZE", config.EVAL_BATCH_SIZE > 0), ("GRADIENT_ACCUMULATION_STEPS", config.GRADIENT_ACCUMULATION_STEPS > 0),
         ("LEARNING_RATE", config.LEARNING_RATE > 0), ("VAL_FRACTION", 0 < config.VAL_FRACTION < 1),
         ("LORA_RANK", config.LORA_RANK > 0), ("LORA_ALPHA", config.LORA_ALPHA > 0), ("LORA_DROPOUT", 0 <= config.LORA_DROPOUT < 1),
+        ("LABEL_SMOOTHING", 0 <= config.LABEL_SMOOTHING < 1), ("CLASS_WEIGHT_POWER", config.CLASS_WEIGHT_POWER >= 0),
         ("EVAL_STEPS", config.EVAL_STEPS > 0), ("FOLDS", config.FOLDS >= 1), ("PROMPT_VERSION", config.PROMPT_VERSION in PROMPTS),
         ("LORA_TARGET_MODULES", bool(config.LORA_TARGET_MODULES)),
     ] if not good]
