@@ -183,3 +183,30 @@ def test_baseline_scores_every_row_out_of_fold(train_csv, capsys):
     assert lines[1].startswith(f"question 33471: val rows {rows[33471]}, MAP@3 ")
     overall = float(lines[2].split("MAP@3 ")[1].split()[0])
     assert 0.5 < overall <= 1.0  # the synthetic explanations carry the label's words
+
+
+def test_fold_ensemble_scores_match_submit_on_the_held_out_rows(tiny_model, train_csv, tmp_path):
+    import pandas as pd
+
+    import submit
+    from conftest import train_args
+    from utils import map_at_k
+    fold_ensemble = load_script("fold_ensemble")
+    output_dir = tmp_path / "run"
+    with one_thread():
+        results = fold_ensemble.main(train_args(tiny_model, train_csv, output_dir, "--questions", "33471,31772", "--folds", "2",
+                                                    "--epochs", "1"))
+    data = read_competition_csv(train_csv, labelled=True)
+    data = data[data["QuestionId"].isin([33471, 31772])]
+    dev = read_competition_csv(str(output_dir / "dev.csv"), labelled=True)
+    holdout = data[~data["row_id"].isin(dev["row_id"])]
+    assert len(dev) + len(holdout) == len(data) and sum(q["rows"] for q in results["per_question"].values()) == len(holdout)
+    assert all(len(q["folds"]) == 2 for q in results["per_question"].values())
+    # submit.py averages the same fold models: its MAP@3 on the held-out rows is the ensemble's.
+    test_path, submission_path = tmp_path / "holdout.csv", tmp_path / "submission.csv"
+    holdout.drop(columns=["Category", "Misconception"]).to_csv(test_path, index=False)
+    assert submit.main(["--model", tiny_model, "--output-dir", str(output_dir), "--test-data", str(test_path),
+                        "--submission", str(submission_path), "--no-merge-lora"]) == 0
+    predicted = pd.read_csv(submission_path, keep_default_na=False, dtype=str).set_index("row_id").loc[holdout["row_id"]]
+    submitted = map_at_k(holdout[TARGET_COLUMN].tolist(), [labels.split() for labels in predicted.iloc[:, 0]])
+    assert submitted == pytest.approx(results["overall"]["ensemble"], abs=1e-9)
