@@ -210,3 +210,32 @@ def test_fold_ensemble_scores_match_submit_on_the_held_out_rows(tiny_model, trai
     predicted = pd.read_csv(submission_path, keep_default_na=False, dtype=str).set_index("row_id").loc[holdout["row_id"]]
     submitted = map_at_k(holdout[TARGET_COLUMN].tolist(), [labels.split() for labels in predicted.iloc[:, 0]])
     assert submitted == pytest.approx(results["overall"]["ensemble"], abs=1e-9)
+
+
+def test_compare_oof_scores_rows_in_pairs(tmp_path):
+    import pandas as pd
+    compare_oof = load_script("compare_oof")
+    classes = ["False_Correct:NA", "False_Neither:NA", "True_Correct:NA", "True_Neither:NA"]
+    # QuestionId 999 is not a known question: no correctness mask, so the ranks below are the probabilities' order.
+    pd.DataFrame({"row_id": ["1", "2", "3", "4"], "QuestionId": 999, "QuestionText": "q", "MC_Answer": "a",
+                  "StudentExplanation": ["w", "x", "y", "z"], "Category": [label.split(":")[0] for label in classes],
+                  "Misconception": "NA"}
+                 ).to_csv(tmp_path / "train.csv", index=False)
+    truth = classes
+    exact = [[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.1, 0.1, 0.7, 0.1], [0.1, 0.1, 0.1, 0.7]]
+    # Truth ranked 2nd, 2nd, 4th and 1st: MAP@3 (1/2 + 1/2 + 0 + 1) / 4.
+    worse = [[0.3, 0.6, 0.05, 0.05], [0.6, 0.3, 0.05, 0.05], [0.4, 0.3, 0.0, 0.3], [0.1, 0.1, 0.1, 0.7]]
+    for run, probs in (("a", exact), ("b", worse)):
+        os.makedirs(tmp_path / run / "question_999")
+        oof = pd.DataFrame(probs, columns=classes)
+        oof.insert(0, "row_id", ["1", "2", "3", "4"])
+        oof.insert(1, "fold", [0, 1, 0, 1])
+        oof.insert(2, "label", truth)
+        oof.to_csv(tmp_path / run / "question_999" / "oof_best_map3.csv", index=False)
+    per_question, difference, (low, high) = compare_oof.main(
+        ["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"), str(tmp_path / "b")])
+    assert per_question[999] == (4, pytest.approx(1.0), pytest.approx(0.5))
+    assert difference == pytest.approx(-0.5) and -1.0 <= low <= -0.5 <= high <= 0.0
+    oof.drop(index=3).to_csv(tmp_path / "b" / "question_999" / "oof_best_map3.csv", index=False)
+    with pytest.raises(SystemExit, match="different rows"):
+        compare_oof.main(["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"), str(tmp_path / "b")])
