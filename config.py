@@ -19,7 +19,7 @@ SUBMISSION_PATH = "submission.csv"
 QUESTION_IDS = list(questions)
 
 # Prompt
-PROMPT_VERSION = "create_prompt_v2"
+PROMPT_VERSION = "create_prompt_v1"
 MAX_LEN = 300
 
 # Training
@@ -70,7 +70,7 @@ DEMO = False
 DEMO_OUTPUT_DIR = "ver_demo"
 # A tiny random-init model learns from a short prompt at a high learning rate: --demo applies these to
 # every setting not given on the command line.
-DEMO_SETTINGS = {"PROMPT_VERSION": "create_prompt_v1", "LEARNING_RATE": 5e-3, "EPOCHS": 8}
+DEMO_SETTINGS = {"LEARNING_RATE": 5e-3, "EPOCHS": 8}
 
 HELP = {
     "MODEL_NAME": "base model: a local directory (or a hub id when online)",
