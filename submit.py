@@ -62,8 +62,12 @@ class Predictor:
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
     def predict(self, question_id, rows, result, fill):
-        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without
-        --folds); raises when none of them can be used."""
+        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without --folds)."""
+        classes, probs = self.fold_probabilities(question_id, rows, result)
+        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+
+    def fold_probabilities(self, question_id, rows, result):
+        """(classes, probabilities of each usable fold model of the question); raises when none can be used."""
         classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
         input_ids, _ = encode_prompts(rows, self.tokenizer, result.get("prompt_version", config.PROMPT_VERSION),
                                       result.get("max_len", config.MAX_LEN))
@@ -85,7 +89,7 @@ class Predictor:
                 model.unload()
         if not probs:
             raise ValueError(f"no usable fold model under {config.get_question_output_dir(question_id)}")
-        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+        return classes, probs
 
 
 def predict_group(predictor, question_id, rows, results):

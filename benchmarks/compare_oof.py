@@ -4,8 +4,9 @@ Both runs score the same rows, so the difference in MAP@3 is measured row by row
 gives its 95% interval. An interval that straddles 0 means the data cannot tell the two runs apart.
 
     python benchmarks/compare_oof.py --train-data train.csv runs/baseline runs/with_lever [--checkpoint best]
+
+(`--checkpoint`: which OOF file, oof_best_map3.csv or oof_best.csv.)
 """
-import argparse
 import glob
 import os
 import re
@@ -15,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import config  # noqa: E402
 from utils import correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
 
 
@@ -27,7 +29,7 @@ def row_scores(run_dir, question_id, checkpoint, correct_by_row):
     return pd.Series([map_at_k([truth], [labels]) for truth, labels in zip(oof["label"], top3)], index=oof["row_id"])
 
 
-def compare(train_data, run_a, run_b, checkpoint="best_map3", samples=2000, seed=0):
+def compare(train_data, run_a, run_b, checkpoint, samples=2000, seed=0):
     """{question: (rows, MAP@3 of A, of B)} and the overall difference B - A with its bootstrap 95% interval."""
     df = read_competition_csv(train_data, labelled=True)
     correct_by_row = dict(zip(df["row_id"], correctness_of(df)))
@@ -52,13 +54,11 @@ def compare(train_data, run_a, run_b, checkpoint="best_map3", samples=2000, seed
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-data", required=True, help="the train.csv both runs were trained on")
-    parser.add_argument("--checkpoint", default="best_map3", choices=["best_map3", "best"], help="OOF file to compare")
-    parser.add_argument("run_a", help="output dir of the reference run")
-    parser.add_argument("run_b", help="output dir of the run compared with it")
-    args = parser.parse_args(argv)
-    per_question, mean, (low, high) = compare(args.train_data, args.run_a, args.run_b, args.checkpoint)
+    def run_dirs(parser):
+        parser.add_argument("run_a", help="output dir of the reference run")
+        parser.add_argument("run_b", help="output dir of the run compared with it")
+    args = config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "CHECKPOINT"], argv, extra_arguments=run_dirs)
+    per_question, mean, (low, high) = compare(config.TRAIN_DATA_PATH, args.run_a, args.run_b, config.CHECKPOINT)
     for question_id, (rows, a, b) in per_question.items():
         print(f"question {question_id}: {rows} rows, MAP@3 {a:.4f} -> {b:.4f} ({b - a:+.4f})")
     rows = sum(entry[0] for entry in per_question.values())

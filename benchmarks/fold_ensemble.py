@@ -3,7 +3,7 @@
 Out-of-fold MAP@3 scores one model per row, so it cannot tell what averaging the K fold models buys. This holds
 out VAL_FRACTION of each question's rows (train.py's own split, repeated texts on one side), trains `--folds K`
 on the rest with train.py and the given flags, then scores each fold model and the mean of their probabilities
-(what submit.py predicts) on the held-out rows:
+(what submit.py predicts, with submit.py's own code) on the held-out rows:
 
     python benchmarks/fold_ensemble.py --model /work/minilm --train-data train.csv --questions 33471,109465 \
         --folds 3 --output-dir runs/fold_ensemble --lora-targets query,key,value,dense --prompt-version create_prompt_v1
@@ -13,19 +13,16 @@ The training rows go to OUTPUT_DIR/dev.csv; the held-out rows' scores to OUTPUT_
 import os
 import sys
 
-import joblib
 import numpy as np
 import pandas as pd
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+import submit  # noqa: E402
 import train  # noqa: E402
-from data_collator import build_data_collator  # noqa: E402
-from prompts import encode_prompts  # noqa: E402
-from utils import (TARGET_COLUMN, TORCH_DTYPES, correctness_of, decode_top_k, load_adapter, load_base_model,  # noqa: E402
-                   load_tokenizer, map_at_k, predict_logits, read_competition_csv, read_json, resolve_precision,
-                   setup_logging, softmax, write_json_atomic)
+from utils import (TARGET_COLUMN, TORCH_DTYPES, correctness_of, decode_top_k, load_base_model, load_tokenizer,  # noqa: E402
+                   map_at_k, read_competition_csv, read_json, resolve_precision, setup_logging, write_json_atomic)
 
 
 def split_holdout(df):
@@ -44,22 +41,14 @@ def score_holdout(holdout):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = resolve_precision(config.PRECISION, device)
     tokenizer = load_tokenizer(config.MODEL_NAME)
-    base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], device)
-    collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
+    predictor = submit.Predictor(load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu"), tokenizer, device)
     scores = {}
     for question_id, rows in holdout.groupby("QuestionId", sort=False):
-        if read_json(config.get_question_results_path(question_id))["status"] != "succeeded":
+        result = read_json(config.get_question_results_path(question_id))
+        if result["status"] != "succeeded":
             continue
-        classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
-        input_ids, _ = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
+        classes, probs = predictor.fold_probabilities(question_id, rows, result)
         truth, correct = rows[TARGET_COLUMN].tolist(), correctness_of(rows)
-        probs = []
-        for fold in range(config.FOLDS):
-            model = load_adapter(base_model, config.get_question_model_path(question_id, fold=fold), len(classes))
-            try:
-                probs.append(softmax(predict_logits(model, input_ids, collator, config.EVAL_BATCH_SIZE, precision)))
-            finally:
-                model.unload()
         single = [map_at_k(truth, decode_top_k(p, classes, correct, config.CORRECTNESS_MASK)) for p in probs]
         ensemble = map_at_k(truth, decode_top_k(np.mean(probs, axis=0), classes, correct, config.CORRECTNESS_MASK))
         scores[int(question_id)] = {"rows": len(rows), "folds": single, "ensemble": ensemble}

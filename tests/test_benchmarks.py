@@ -206,7 +206,7 @@ def test_fold_ensemble_scores_match_submit_on_the_held_out_rows(tiny_model, trai
     test_path, submission_path = tmp_path / "holdout.csv", tmp_path / "submission.csv"
     holdout.drop(columns=["Category", "Misconception"]).to_csv(test_path, index=False)
     assert submit.main(["--model", tiny_model, "--output-dir", str(output_dir), "--test-data", str(test_path),
-                        "--submission", str(submission_path), "--no-merge-lora"]) == 0
+                        "--submission", str(submission_path)]) == 0
     predicted = pd.read_csv(submission_path, keep_default_na=False, dtype=str).set_index("row_id").loc[holdout["row_id"]]
     submitted = map_at_k(holdout[TARGET_COLUMN].tolist(), [labels.split() for labels in predicted.iloc[:, 0]])
     assert submitted == pytest.approx(results["overall"]["ensemble"], abs=1e-9)
