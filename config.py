@@ -17,6 +17,10 @@ TEST_DATA_PATH = "/kaggle/input/map-charting-student-math-misunderstandings/test
 OUTPUT_DIR = "ver_2"
 SUBMISSION_PATH = "submission.csv"
 QUESTION_IDS = list(questions)
+# question: one model per QuestionId; global: one model over the rows of all selected questions.
+SCOPE = "question"
+INIT_FROM = ""
+LABEL_SPACE = "full"
 
 # Prompt
 PROMPT_VERSION = "create_prompt_v1"
@@ -31,6 +35,8 @@ LEARNING_RATE = 2e-4
 WEIGHT_DECAY = 0.01
 WARMUP_RATIO = 0.1
 LR_SCHEDULER = "linear"
+HEAD_LR_MULTIPLIER = 10.0
+HEAD_INIT = "prior"
 LABEL_SMOOTHING = 0.0
 CLASS_WEIGHT_POWER = 0.0
 DUPLICATES = "keep"
@@ -60,6 +66,7 @@ SUMMARIZE_ONLY = False
 CHECKPOINT = "best_map3"
 CORRECTNESS_MASK = True
 MERGE_LORA = True
+GLOBAL_WEIGHT = 0.5
 
 # Experiment tracking
 USE_WANDB = False
@@ -79,7 +86,18 @@ HELP = {
     "OUTPUT_DIR": "where question_<id>/ and summary/ are written",
     "SUBMISSION_PATH": "submission file to write",
     "QUESTION_IDS": "comma-separated QuestionIds to process (default: all 15)",
-    "PROMPT_VERSION": "prompt builder from prompts.PROMPTS",
+    "SCOPE": "question: one model per QuestionId (question_<id>/); global: one model over all selected questions "
+             "(global/), its scores restricted to each row's question's labels",
+    "INIT_FROM": "output dir of a --scope global run: each question's LoRA and head start from its global model "
+                 "(same --folds and --seed)",
+    "LABEL_SPACE": "full: train on Category:Misconception; suffix: without the True_/False_ prefix, which decoding "
+                   "restores from the answer's correctness",
+    "HEAD_LR_MULTIPLIER": "learning rate of the new classification head, as a multiple of --lr",
+    "HEAD_INIT": "bias of a new head: prior (log label frequencies of the training rows) or zero",
+    "GLOBAL_WEIGHT": "weight of the global model where both it and a question's model exist (0: question models "
+                     "only, 1: global only)",
+    "PROMPT_VERSION": "prompt builder from prompts.PROMPTS (default: create_prompt_v1, create_prompt_global with "
+                      "--scope global)",
     "MAX_LEN": "token budget of a prompt; context is shortened to fit, the explanation never",
     "EPOCHS": "training epochs per question",
     "TRAIN_BATCH_SIZE": "training batch size per device",
@@ -126,6 +144,12 @@ FLAGS = {
     "OUTPUT_DIR": "--output-dir",
     "SUBMISSION_PATH": "--submission",
     "QUESTION_IDS": "--questions",
+    "SCOPE": "--scope",
+    "INIT_FROM": "--init-from",
+    "LABEL_SPACE": "--label-space",
+    "HEAD_LR_MULTIPLIER": "--head-lr-multiplier",
+    "HEAD_INIT": "--head-init",
+    "GLOBAL_WEIGHT": "--global-weight",
     "PROMPT_VERSION": "--prompt-version",
     "MAX_LEN": "--max-len",
     "EPOCHS": "--epochs",
@@ -169,6 +193,9 @@ CHOICES = {
     "PRECISION": ["auto", "bf16", "fp16", "fp32"],
     "CHECKPOINT": ["best_map3", "best"],
     "DUPLICATES": ["keep", "drop", "majority"],
+    "SCOPE": ["question", "global"],
+    "LABEL_SPACE": ["full", "suffix"],
+    "HEAD_INIT": ["prior", "zero"],
 }
 
 
@@ -176,8 +203,13 @@ CHOICES = {
 GIVEN = set()
 
 
+# The id under which the global model's files live, in place of a QuestionId, in the path helpers below.
+GLOBAL = "global"
+
+
 def get_question_output_dir(question_id):
-    return os.path.join(OUTPUT_DIR, f"question_{question_id}")
+    """question_<id>/, or global/ for the model over all questions (question_id GLOBAL)."""
+    return os.path.join(OUTPUT_DIR, GLOBAL if question_id == GLOBAL else f"question_{question_id}")
 
 
 def get_question_model_path(question_id, checkpoint=None, fold=None):
@@ -201,7 +233,8 @@ def get_summary_dir():
 
 
 def get_question_results_path(question_id):
-    return os.path.join(get_summary_dir(), f"question_{question_id}_results.json")
+    name = "global_results.json" if question_id == GLOBAL else f"question_{question_id}_results.json"
+    return os.path.join(get_summary_dir(), name)
 
 
 def _list_of(item_type):
@@ -226,7 +259,7 @@ def _add_setting(parser, name, flag):
 
 def snapshot():
     """All settings as a dict, e.g. to hand to a worker process."""
-    return {name: value for name, value in globals().items() if name.isupper() and name not in ("HELP", "FLAGS", "CHOICES", "GIVEN", "DEMO_SETTINGS")}
+    return {name: value for name, value in globals().items() if name.isupper() and name not in ("HELP", "FLAGS", "CHOICES", "GIVEN", "DEMO_SETTINGS", "GLOBAL")}
 
 
 def update(settings):

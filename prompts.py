@@ -40,10 +40,18 @@ def create_prompt_v2(row, level=0):
     return "\n".join(parts)
 
 
+def create_prompt_global(row, level=0):
+    """v1 led by the QuestionId: one model over all questions must know whose labels apply."""
+    return f"Question {row.QuestionId}\n{create_prompt_v1(row)}"
+
+
 create_prompt_v1.levels = 1
 create_prompt_v2.levels = 4
+create_prompt_global.levels = 1
 
-PROMPTS = {builder.__name__: builder for builder in (create_prompt_v1, create_prompt_v2)}
+PROMPTS = {builder.__name__: builder for builder in (create_prompt_v1, create_prompt_v2, create_prompt_global)}
+# The prompt of a --scope global run when --prompt-version is not given.
+GLOBAL_PROMPT_VERSION = "create_prompt_global"
 
 
 def render(text, tokenizer):

@@ -20,13 +20,13 @@ import torch
 import config
 from data_collator import build_data_collator
 from prompts import encode_prompts
-from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_of, decode_top_k, load_adapter,
-                   load_base_model, load_tokenizer, log, lora_merged, predict_logits, read_competition_csv, read_question_results,
-                   resolve_precision, setup_logging, softmax)
+from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, allowed_classes, blend_probabilities, correctness_of,
+                   decode_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log, lora_merged,
+                   predict_logits, read_competition_csv, read_question_results, resolve_precision, setup_logging)
 
 SETTINGS = [
     "MODEL_NAME", "TEST_DATA_PATH", "OUTPUT_DIR", "SUBMISSION_PATH", "CHECKPOINT", "EVAL_BATCH_SIZE",
-    "QUESTION_IDS", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
+    "QUESTION_IDS", "GLOBAL_WEIGHT", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
 ]
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
@@ -61,14 +61,21 @@ class Predictor:
         self.tokenizer = tokenizer
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
-    def predict(self, question_id, rows, result, fill):
-        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without --folds)."""
-        classes, probs = self.fold_probabilities(question_id, rows, result)
-        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+    def probabilities(self, question_id, rows, result):
+        """(full labels, mean probabilities of the fold models of a question or of GLOBAL); one without --folds."""
+        labels, probs = self.fold_probabilities(question_id, rows, result)
+        return labels, np.mean(probs, axis=0)
 
     def fold_probabilities(self, question_id, rows, result):
-        """(classes, probabilities of each usable fold model of the question); raises when none can be used."""
+        """(full labels, probabilities of each usable fold model); raises when none can be used.
+
+        A global model's scores are restricted to the labels its training saw for each row's question.
+        """
         classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
+        allowed = None
+        if question_id == config.GLOBAL:
+            allowed = allowed_classes(rows["QuestionId"], classes, result["question_classes"])
+        correct = correctness_of(rows)
         input_ids, _ = encode_prompts(rows, self.tokenizer, result.get("prompt_version", config.PROMPT_VERSION),
                                       result.get("max_len", config.MAX_LEN))
         folds = result.get("folds", 1)
@@ -84,16 +91,19 @@ class Predictor:
                 continue
             try:
                 with lora_merged(model) if config.MERGE_LORA else contextlib.nullcontext():
-                    probs.append(softmax(predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)))
+                    logits = predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)
             finally:
                 model.unload()
+            labels, fold_probs = label_probabilities(logits, classes, correct, allowed)
+            probs.append(fold_probs)
         if not probs:
             raise ValueError(f"no usable fold model under {config.get_question_output_dir(question_id)}")
-        return classes, probs
+        return labels, probs
 
 
-def predict_group(predictor, question_id, rows, results):
-    """A question's predictions, falling back to label frequencies when its model is unusable.
+def predict_group(predictor, question_id, rows, results, global_part=None):
+    """A question's predictions: its model, the global model's (labels, probabilities) for these rows, or their
+    blend (GLOBAL_WEIGHT on the global model); label frequencies when neither is usable.
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -101,15 +111,44 @@ def predict_group(predictor, question_id, rows, results):
     global_labels, _ = frequency_table(results, None)
     fill = list(dict.fromkeys(labels + global_labels + LAST_RESORT_LABELS))
     status = results.get(question_id, {}).get("status")
-    if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS:
+    parts = []
+    if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS and (
+            global_part is None or config.GLOBAL_WEIGHT < 1):
         try:
-            return predictor.predict(question_id, rows, results[question_id], fill)
+            parts.append((1 - config.GLOBAL_WEIGHT, *predictor.probabilities(question_id, rows, results[question_id])))
         except Exception as error:
-            log.warning("question %s: model unusable (%s: %s); using its label frequencies", question_id, type(error).__name__, error)
-    elif status != "skipped":
+            log.warning("question %s: model unusable (%s: %s); using %s", question_id, type(error).__name__, error,
+                        "the global model" if global_part else "its label frequencies")
+    elif status != "skipped" and global_part is None:
         log.warning("question %s: no trained model; using %s label frequencies", question_id,
                     "its" if question_id in results else "global")
-    return fallback_labels(rows, labels, frequencies, fill)
+    if global_part is not None and (config.GLOBAL_WEIGHT > 0 or not parts):
+        parts.append((config.GLOBAL_WEIGHT, *global_part))
+    if not parts:
+        return fallback_labels(rows, labels, frequencies, fill)
+    if len(parts) == 1:  # the weight applies where both models exist
+        parts = [(1.0, *parts[0][1:])]
+    blend_labels, probs = blend_probabilities(parts)
+    return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+
+
+def global_probabilities(predictor, test_df):
+    """{QuestionId: (labels, probabilities of its rows)} from the global model, for the questions it trained on;
+    {} without a usable one."""
+    result = read_question_results([config.GLOBAL]).get(config.GLOBAL)
+    if predictor is None or not result or result.get("status") != "succeeded":
+        return {}
+    rows = test_df[test_df["QuestionId"].astype(str).isin(result["question_classes"])
+                   & test_df["QuestionId"].isin(config.QUESTION_IDS)]
+    if rows.empty:
+        return {}
+    try:
+        labels, probs = predictor.probabilities(config.GLOBAL, rows, result)
+    except Exception as error:
+        log.warning("global model unusable (%s: %s); using the question models", type(error).__name__, error)
+        return {}
+    positions = rows.reset_index(drop=True).groupby("QuestionId").indices
+    return {int(question_id): (labels, probs[index]) for question_id, index in positions.items()}
 
 
 def visible_devices():
@@ -131,6 +170,7 @@ def predict(test_df, devices=None):
     results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
+    needs_model |= os.path.isfile(config.get_question_results_path(config.GLOBAL))
     devices = devices or visible_devices()
     predictors = [None] * len(devices)
     if needs_model:
@@ -142,12 +182,14 @@ def predict(test_df, devices=None):
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
+    global_parts = global_probabilities(predictors[0], test_df)
     predictions = {}
 
     def run(worker):
         predictor, work = worker
         for question_id, rows in work:
-            for row_id, labels in zip(rows["row_id"], predict_group(predictor, question_id, rows, results)):
+            ranked = predict_group(predictor, question_id, rows, results, global_parts.get(question_id))
+            for row_id, labels in zip(rows["row_id"], ranked):
                 predictions[row_id] = labels
 
     workers = list(zip(predictors, balance(groups, len(devices))))

@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -29,25 +30,28 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 import config
 from data_collator import build_data_collator
-from prompts import encode_prompts
-from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, correctness_of, decode_top_k, fit_label_encoder,
-                   load_base_model, load_tokenizer, log, map_at_k, predict_logits, read_competition_csv,
-                   read_json, read_question_results, resolve_precision, setup_logging, softmax, write_json_atomic)
+from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
+from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, allowed_classes, attach_lora, attach_lora_from, correctness_of,
+                   decode_top_k, fit_label_encoder, full_labels, label_probabilities, load_backbone, log, map_at_k,
+                   predict_logits, read_competition_csv, read_json, read_question_results, resolve_precision,
+                   setup_logging, softmax, training_targets, write_json_atomic)
 
 SETTINGS = [
     "MODEL_NAME", "TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS",
     "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "LEARNING_RATE", "WEIGHT_DECAY",
     "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER", "DUPLICATES", "VAL_FRACTION", "SEED",
     "EVAL_STEPS", "LOGGING_STEPS", "GRADIENT_CHECKPOINTING", "PAD_TO_MULTIPLE_OF", "PRECISION", "OVERWRITE",
-    "LORA_RANK", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB",
+    "SCOPE", "INIT_FROM", "LABEL_SPACE", "HEAD_LR_MULTIPLIER", "HEAD_INIT", "LORA_RANK", "LORA_ALPHA",
+    "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB",
     "WANDB_PROJECT", "DEMO", "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD",
     "SUMMARIZE_ONLY",
 ]
 
 
 def text_groups(rows):
-    """One key per distinct (answer, explanation) text; rows that repeat a text share it."""
-    return (rows["MC_Answer"] + "\x00" + rows["StudentExplanation"].str.strip().str.lower()).to_numpy()
+    """One key per distinct (question, answer, explanation) text; rows that repeat a text share it."""
+    return (rows["QuestionId"].astype(str) + "\x00" + rows["MC_Answer"] + "\x00"
+            + rows["StudentExplanation"].str.strip().str.lower()).to_numpy()
 
 
 def resolve_duplicates(groups, labels, policy):
@@ -115,30 +119,66 @@ def save_adapter(model, path):
     os.replace(staging, path)
 
 
+def model_splits(rows, folds, seed):
+    """fold_splits of each question, united fold by fold (indices into `rows`).
+
+    A global model's fold k holds exactly the rows of each question's own fold k, so the out-of-fold files of
+    both scopes line up row by row.
+    """
+    per_question = []
+    for _, index in sorted(rows.groupby("QuestionId").indices.items()):
+        splits = fold_splits(rows.iloc[index].reset_index(drop=True), folds, seed)
+        per_question.append([(index[train_idx], index[val_idx]) for train_idx, val_idx in splits])
+    return [tuple(np.sort(np.concatenate([splits[k][side] for splits in per_question])) for side in (0, 1))
+            for k in range(len(per_question[0]))]
+
+
+@dataclass
+class ModelData:
+    """What one model trains and is validated on: one question's rows, or all selected questions' (global)."""
+    rows: pd.DataFrame
+    input_ids: list
+    classes: list  # the model's labels: Category:Misconception, or their suffixes (--label-space suffix)
+    labels: np.ndarray  # class index of each row
+    train_labels: np.ndarray  # the same after the --duplicates policy
+    trainable: np.ndarray  # False: left out of training by the --duplicates policy
+    correct: list  # whether each row's answer is correct (True/False/None)
+    allowed: np.ndarray = None  # rows x classes: the labels of each row's question (global model), None: all
+
+    def probabilities(self, logits, index):
+        """(full labels, probabilities) of the rows `index` from the model's logits for them."""
+        allowed = None if self.allowed is None else self.allowed[index]
+        return label_probabilities(logits, self.classes, [self.correct[i] for i in index], allowed)
+
+
 class MapTrainer(Trainer):
     """A Trainer whose evaluation is the competition's MAP@3, computed as submit.py predicts.
 
     Every evaluation that beats the best MAP@3 so far rewrites `best_map3_dir`.
     """
 
-    def __init__(self, *args, val_input_ids, val_labels, val_correct, classes, precision, best_map3_dir, **kwargs):
+    def __init__(self, *args, data, val_idx, precision, best_map3_dir, **kwargs):
         super().__init__(*args, **kwargs)
-        self.val_input_ids = val_input_ids
-        self.val_labels = val_labels
-        self.val_correct = val_correct
-        self.classes = classes
+        self.data = data
+        self.val_idx = val_idx
         self.precision = precision
         self.best_map3_dir = best_map3_dir
         self.best = {"map3": -1.0}
         self.best_probs = self.last_probs = None
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        logits = predict_logits(self.model, self.val_input_ids, self.data_collator, self.args.per_device_eval_batch_size, self.precision)
-        probs = self.last_probs = softmax(logits)
-        truth = [self.classes[i] for i in self.val_labels]
-        loss = float(-np.log(probs[np.arange(len(probs)), self.val_labels] + 1e-12).mean())
-        map3 = map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, config.CORRECTNESS_MASK))
-        map3_unmasked = map_at_k(truth, decode_top_k(probs, self.classes, self.val_correct, False))
+        data, val_idx = self.data, self.val_idx
+        logits = predict_logits(self.model, [data.input_ids[i] for i in val_idx], self.data_collator,
+                                self.args.per_device_eval_batch_size, self.precision)
+        labels, probs = data.probabilities(logits, val_idx)
+        self.last_probs = probs
+        allowed = None if data.allowed is None else data.allowed[val_idx]
+        model_probs = softmax(logits if allowed is None else np.where(allowed, logits, -np.inf))
+        loss = float(-np.log(model_probs[np.arange(len(val_idx)), data.labels[val_idx]] + 1e-12).mean())
+        truth = data.rows[TARGET_COLUMN].to_numpy()[val_idx]
+        correct = [data.correct[i] for i in val_idx]
+        map3 = map_at_k(truth, decode_top_k(probs, labels, correct, config.CORRECTNESS_MASK))
+        map3_unmasked = map_at_k(truth, decode_top_k(probs, labels, correct, False))
         log.info("step %d: validation MAP@3 %.4f (unmasked %.4f), loss %.4f", self.state.global_step, map3, map3_unmasked, loss)
         if map3 > self.best["map3"]:
             self.best = {"map3": map3, "map3_unmasked": map3_unmasked, "step": self.state.global_step}
@@ -187,37 +227,59 @@ def training_arguments(output_dir, n_train, precision):
     return TrainingArguments(**kwargs)
 
 
-def train_fold(question_id, fold, input_ids, labels, train_labels, correct, classes, train_idx, val_idx, tokenizer,
-               base_model, precision):
-    """Fine-tune on train_idx with train_labels, evaluate on val_idx with labels; save best_map3/ and best/.
+def build_optimizer(model, head_lr_multiplier):
+    """AdamW with the head at head_lr_multiplier times the LoRA learning rate (the scheduler scales both)."""
+    groups = {True: [], False: []}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            groups[bool(set(name.split(".")) & set(HEAD_NAMES))].append(parameter)
+    return torch.optim.AdamW([
+        {"params": groups[False], "lr": config.LEARNING_RATE},
+        {"params": groups[True], "lr": config.LEARNING_RATE * head_lr_multiplier},
+    ], lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
 
-    The base model is left clean.
+
+def log_prior(labels, num_classes):
+    """Log label frequencies (add-one smoothed): a head starting there predicts the prior from step 0."""
+    counts = np.bincount(labels, minlength=num_classes) + 1.0
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def train_fold(question_id, fold, data, train_idx, val_idx, backbone, init=None):
+    """Fine-tune on train_idx, evaluate on val_idx; save best_map3/ and best/. The base model is left clean.
+
+    `init` = (adapter dir, head rows) starts from a saved adapter (--init-from) instead of a fresh one.
     """
-    lora_config = LoraConfig(
-        task_type=TaskType.SEQ_CLS, r=config.LORA_RANK, lora_alpha=config.LORA_ALPHA,
-        lora_dropout=config.LORA_DROPOUT, target_modules=config.LORA_TARGET_MODULES,
-    )
     set_seed(config.SEED)
-    model = attach_lora(base_model, lora_config, len(classes))
+    if init:
+        model = attach_lora_from(backbone.model, *init)
+    else:
+        lora_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=config.LORA_RANK, lora_alpha=config.LORA_ALPHA,
+            lora_dropout=config.LORA_DROPOUT, target_modules=config.LORA_TARGET_MODULES,
+        )
+        bias = log_prior(data.train_labels[train_idx], len(data.classes)) if config.HEAD_INIT == "prior" else None
+        model = attach_lora(backbone.model, lora_config, len(data.classes), head_bias=bias)
     work_dir = os.path.join(config.get_question_output_dir(question_id), "trainer")
     try:
         trainer = MapTrainer(
             model=model,
-            args=training_arguments(work_dir, len(train_idx), precision),
-            data_collator=build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF),
-            train_dataset=[{"input_ids": input_ids[i], "labels": int(train_labels[i])} for i in train_idx],
-            eval_dataset=[{"input_ids": input_ids[i], "labels": int(labels[i])} for i in val_idx],
-            compute_loss_func=training_loss(class_weights(train_labels[train_idx], len(classes), config.CLASS_WEIGHT_POWER)),
-            val_input_ids=[input_ids[i] for i in val_idx],
-            val_labels=labels[val_idx],
-            val_correct=[correct[i] for i in val_idx],
-            classes=classes,
-            precision=precision,
+            args=training_arguments(work_dir, len(train_idx), backbone.precision),
+            data_collator=build_data_collator(backbone.tokenizer, config.PAD_TO_MULTIPLE_OF),
+            train_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.train_labels[i])} for i in train_idx],
+            eval_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.labels[i])} for i in val_idx],
+            compute_loss_func=training_loss(class_weights(data.train_labels[train_idx], len(data.classes), config.CLASS_WEIGHT_POWER)),
+            # A head started from a trained model is not new: it learns at the LoRA rate.
+            optimizers=(build_optimizer(model, 1.0 if init else config.HEAD_LR_MULTIPLIER), None),
+            data=data,
+            val_idx=val_idx,
+            precision=backbone.precision,
             best_map3_dir=config.get_question_model_path(question_id, "best_map3", fold),
         )
+        initial = trainer.evaluate()  # step 0: the head's prior, or the model started from
         trainer.train()
         evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_map3" in entry]
-        if not evaluated or evaluated[-1] != trainer.state.global_step:
+        if evaluated[-1] != trainer.state.global_step:
             trainer.evaluate()
         final = next(entry for entry in reversed(trainer.state.log_history) if "eval_map3" in entry)
         save_adapter(model, config.get_question_model_path(question_id, "best", fold))
@@ -227,6 +289,7 @@ def train_fold(question_id, fold, input_ids, labels, train_labels, correct, clas
         model.unload()
         shutil.rmtree(work_dir, ignore_errors=True)
     return {
+        "initial_map3": initial["eval_map3"],
         "best_map3": trainer.best["map3"], "best_map3_unmasked": trainer.best["map3_unmasked"],
         "best_step": trainer.best["step"], "final_map3": final["eval_map3"],
         "final_map3_unmasked": final["eval_map3_unmasked"], "steps": trainer.state.global_step,
@@ -234,66 +297,124 @@ def train_fold(question_id, fold, input_ids, labels, train_labels, correct, clas
     }, {"best_map3": trainer.best_probs, "best": trainer.last_probs}
 
 
-def write_oof(question_id, rows, classes, labels, correct, folds, probs_by_checkpoint):
-    """Save out-of-fold probabilities per checkpoint; return their MAP@3 (masked and not)."""
+def write_oof(question_id, data, labels, folds, probs_by_checkpoint):
+    """Save out-of-fold probabilities (over full labels) per checkpoint; return their MAP@3 (masked and not)."""
     scores = {}
-    truth = [classes[i] for i in labels]
+    truth = data.rows[TARGET_COLUMN].to_numpy()
     for checkpoint, probs in probs_by_checkpoint.items():
-        table = pd.DataFrame(probs, columns=classes)
-        table.insert(0, "row_id", rows["row_id"].to_numpy())
+        table = pd.DataFrame(probs, columns=labels)
+        table.insert(0, "row_id", data.rows["row_id"].to_numpy())
         table.insert(1, "fold", folds)
         table.insert(2, "label", truth)
         table.to_csv(os.path.join(config.get_question_output_dir(question_id), f"oof_{checkpoint}.csv"), index=False)
         for mask in (True, False):
             key = f"{checkpoint}_oof_map3" + ("" if mask else "_unmasked")
-            scores[key] = map_at_k(truth, decode_top_k(probs, classes, correct, mask))
+            scores[key] = map_at_k(truth, decode_top_k(probs, labels, data.correct, mask))
     return scores
 
 
-def train_question(question_id, rows, tokenizer, base_model, precision):
-    """Train one question (one split or K folds); return its results, the summary entry."""
-    encoder = fit_label_encoder(rows[TARGET_COLUMN], config.get_question_label_encoder_path(question_id))
+def map3_by_question(data, labels, probs, index):
+    """MAP@3 of the rows `index` per QuestionId (a global model's figures, question by question)."""
+    rows = data.rows.iloc[index]
+    ranked = decode_top_k(probs, labels, [data.correct[i] for i in index], config.CORRECTNESS_MASK)
+    scores = {}
+    for question_id, positions in rows.groupby("QuestionId").indices.items():
+        scores[str(question_id)] = map_at_k(rows[TARGET_COLUMN].to_numpy()[positions], [ranked[p] for p in positions])
+    return scores
+
+
+def global_run(init_dir):
+    """(global/ dir, its results JSON path) of --init-from, given as an output dir or its global/ dir."""
+    root = os.path.normpath(init_dir)
+    if os.path.basename(root) != config.GLOBAL:
+        root = os.path.join(root, config.GLOBAL)
+    return root, os.path.join(os.path.dirname(root), "summary", "global_results.json")
+
+
+def global_start(init_dir, question_id, classes, fold):
+    """(adapter dir, head rows) of the --init-from global model for one question and fold; InputError if unusable."""
+    root, results_path = global_run(init_dir)
+    if not os.path.isfile(results_path):
+        raise InputError(f"--init-from {init_dir}: no summary/global_results.json (train it with --scope global)")
+    result = read_json(results_path)
+    if result.get("status") != "succeeded":
+        raise InputError(f"--init-from {init_dir}: the global model did not train ({result.get('status')})")
+    for key, setting in (("folds", "FOLDS"), ("seed", "SEED"), ("label_space", "LABEL_SPACE")):
+        if result.get(key) != getattr(config, setting):
+            raise InputError(f"--init-from {init_dir}: the global model has {key} {result.get(key)}, this run "
+                             f"{getattr(config, setting)} (give --{key.replace('_', '-')} {result.get(key)})")
+    missing = [label for label in classes if label not in result["classes"]]
+    if missing:
+        raise InputError(f"--init-from {init_dir}: question {question_id}: labels {missing[:3]} unknown to the global model")
+    folder = root if fold is None else os.path.join(root, f"fold_{fold}")
+    return os.path.join(folder, "best"), [result["classes"].index(label) for label in classes]
+
+
+def model_data(rows, classes, tokenizer, question_classes=None):
+    """(ModelData of `rows` over `classes`, prompt statistics); `question_classes` restricts each row to its
+    question's labels (the global model)."""
+    labels = np.searchsorted(classes, training_targets(rows, config.LABEL_SPACE).to_numpy())
+    train_labels, trainable = resolve_duplicates(text_groups(rows), labels, config.DUPLICATES)
+    input_ids, prompt_stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
+    allowed = None if question_classes is None else allowed_classes(rows["QuestionId"], classes, question_classes)
+    return ModelData(rows, input_ids, classes, labels, train_labels, trainable, correctness_of(rows), allowed), prompt_stats
+
+
+def train_question(question_id, rows, backbone):
+    """Train one model (a question's, or the global one over `rows`), one split or K folds; return its results."""
+    targets = training_targets(rows, config.LABEL_SPACE)
+    encoder = fit_label_encoder(targets, config.get_question_label_encoder_path(question_id))
     classes = list(encoder.classes_)
     result = {"question_id": question_id, "classes": classes, "num_classes": len(classes), "folds": config.FOLDS,
-              "label_counts": rows[TARGET_COLUMN].value_counts().to_dict(), "rows": len(rows)}
+              "label_counts": rows[TARGET_COLUMN].value_counts().to_dict(), "rows": len(rows),
+              "label_space": config.LABEL_SPACE, "seed": config.SEED, "scope": config.SCOPE}
     if len(classes) <= 1:
         message = f"Warning: Question {question_id} has only {len(classes)} class(es). Skipping..."
         print(message, flush=True)
         return {**result, "status": "skipped", "reason": message}
 
-    splits = fold_splits(rows, config.FOLDS, config.SEED)
-    input_ids, prompt_stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
-    log.info("question %s: %d rows, %d classes, %s; prompt tokens mean %.0f p95 %.0f max %d, context shortened "
-             "in %d rows", question_id, len(rows), len(classes),
+    question_classes = None
+    if question_id == config.GLOBAL:
+        question_classes = {str(q): sorted(set(group)) for q, group in targets.groupby(rows["QuestionId"])}
+        result["question_classes"] = question_classes
+    data, prompt_stats = model_data(rows, classes, backbone.tokenizer, question_classes)
+    splits = model_splits(rows, config.FOLDS, config.SEED)
+    log.info("%s: %d rows, %d classes, %s; prompt tokens mean %.0f p95 %.0f max %d, context shortened in %d rows",
+             "global model" if question_id == config.GLOBAL else f"question {question_id}", len(rows), len(classes),
              f"{len(splits[0][0])} train / {len(splits[0][1])} val" if config.FOLDS == 1 else f"{config.FOLDS} folds",
              prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
-    labels = encoder.transform(rows[TARGET_COLUMN])
-    correct = correctness_of(rows)
     # Repeated texts never straddle a split, so resolving them over all rows equals resolving each training side.
-    train_labels, trainable = resolve_duplicates(text_groups(rows), labels, config.DUPLICATES)
-    splits = [(train_idx[trainable[train_idx]], val_idx) for train_idx, val_idx in splits]
-    if config.FOLDS == 1:
-        fold_result, _ = train_fold(question_id, None, input_ids, labels, train_labels, correct, classes, *splits[0],
-                                    tokenizer, base_model, precision)
-        return {**result, **fold_result, "status": "succeeded", "prompt_stats": prompt_stats}
+    splits = [(train_idx[data.trainable[train_idx]], val_idx) for train_idx, val_idx in splits]
+    folds = [None] if config.FOLDS == 1 else list(range(config.FOLDS))
+    starts = [global_start(config.INIT_FROM, question_id, classes, fold) if config.INIT_FROM else None for fold in folds]
+    if config.INIT_FROM:
+        result["init_from"] = [start[0] for start in starts]
 
     fold_of_row = np.zeros(len(rows), dtype=int)
-    oof = {checkpoint: np.zeros((len(rows), len(classes))) for checkpoint in ("best_map3", "best")}
+    labels = full_labels(classes)
+    oof = {checkpoint: np.zeros((len(rows), len(labels))) for checkpoint in ("best_map3", "best")}
     fold_results = []
-    for fold, (train_idx, val_idx) in enumerate(splits):
-        fold_result, probs = train_fold(question_id, fold, input_ids, labels, train_labels, correct, classes, train_idx,
-                                        val_idx, tokenizer, base_model, precision)
+    for fold, (train_idx, val_idx), start in zip(folds, splits, starts):
+        fold_result, probs = train_fold(question_id, fold, data, train_idx, val_idx, backbone, start)
         fold_results.append(fold_result)
-        fold_of_row[val_idx] = fold
+        fold_of_row[val_idx] = fold or 0
         for checkpoint in oof:
             oof[checkpoint][val_idx] = probs[checkpoint]
-        log.info("question %s fold %d: best MAP@3 %.4f, final %.4f", question_id, fold, fold_result["best_map3"], fold_result["final_map3"])
-    scores = write_oof(question_id, rows, classes, labels, correct, fold_of_row, oof)
+        if fold is not None:
+            log.info("%s fold %d: best MAP@3 %.4f, final %.4f", question_id, fold, fold_result["best_map3"], fold_result["final_map3"])
+    result.update(status="succeeded", prompt_stats=prompt_stats)
+    scored = np.concatenate([val_idx for _, val_idx in splits])
+    if question_id == config.GLOBAL:
+        result["per_question_final_map3"] = map3_by_question(data, labels, oof["best"][scored], scored)
+    if config.FOLDS == 1:
+        return {**result, **fold_results[0]}
+    scores = write_oof(question_id, data, labels, fold_of_row, oof)
     return {
-        **result, "status": "succeeded", "prompt_stats": prompt_stats, "fold_results": fold_results,
+        **result, "fold_results": fold_results,
         # Over every row, each predicted by the fold model that did not see it.
         "best_map3": scores["best_map3_oof_map3"], "best_map3_unmasked": scores["best_map3_oof_map3_unmasked"],
         "final_map3": scores["best_oof_map3"], "final_map3_unmasked": scores["best_oof_map3_unmasked"],
+        "initial_map3": float(np.mean([r["initial_map3"] for r in fold_results])),
         "train_rows": len(rows), "val_rows": len(rows),
     }
 
@@ -316,22 +437,23 @@ def peak_memory_mb(device):
     return {"peak_rss_mb": rss_kb / 1024, "peak_gpu_memory_mb": gpu}
 
 
-def run_question(question_id, rows, tokenizer, base_model, precision, device):
-    """Train one question with its own log file; a failure is recorded, not raised."""
+def run_question(question_id, rows, backbone):
+    """Train one question (or the global model) with its own log file; a failure is recorded, not raised."""
     # No results file while a question trains: a run killed midway leaves it to be retrained.
     if os.path.isfile(config.get_question_results_path(question_id)):
         os.remove(config.get_question_results_path(question_id))
     handler = setup_logging(os.path.join(config.get_question_log_dir(question_id), "train.log"))
     wandb_run = None
     started = time.time()
+    device = backbone.device
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
         if config.USE_WANDB:
             import wandb
             wandb_run = wandb.init(project=config.WANDB_PROJECT, group=os.path.basename(os.path.abspath(config.OUTPUT_DIR)),
-                                   name=f"question_{question_id}", config=config.snapshot())
-        result = train_question(question_id, rows, tokenizer, base_model, precision)
+                                   name=os.path.basename(config.get_question_output_dir(question_id)), config=config.snapshot())
+        result = train_question(question_id, rows, backbone)
     except Exception as error:
         log.error("question %s failed:\n%s", question_id, traceback.format_exc())
         result = {"question_id": question_id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
@@ -365,6 +487,10 @@ def write_summary(question_ids):
         "val_rows": val_rows,
         "seconds": round(sum(r.get("seconds", 0) for r in results.values()), 2),
     }
+    global_result = read_question_results([config.GLOBAL]).get(config.GLOBAL)
+    if global_result:
+        summary["global"] = {key: global_result.get(key) for key in (
+            "status", "best_map3", "final_map3", "val_rows", "seconds", "error", "per_question_final_map3")}
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
     if succeeded:
         plot_summary(succeeded, summary["overall_best_map3"])
@@ -388,19 +514,19 @@ def plot_summary(succeeded, overall):
 
 
 def train_questions(df, question_ids, device):
-    """Train questions one after the other in this process (question_ids may be a queue's iterator)."""
-    precision = resolve_precision(config.PRECISION, device)
-    tokenizer = load_tokenizer(config.MODEL_NAME)
-    base_model = None
+    """Train questions (or GLOBAL) one after the other in this process (question_ids may be a queue's iterator)."""
+    backbone = None
     for question_id in question_ids:
         if not config.OVERWRITE and is_complete(question_id):
-            log.info("question %s: results complete, skipping (use --overwrite to retrain)", question_id)
+            log.info("%s: results complete, skipping (use --overwrite to retrain)", question_id)
             continue
-        if base_model is None:
-            log.info("loading %s (%s on %s)", config.MODEL_NAME, precision, device)
-            base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], device)
-        rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
-        result = run_question(question_id, rows, tokenizer, base_model, precision, device)
+        if backbone is None:
+            backbone = load_backbone(config.MODEL_NAME, device)
+        if question_id == config.GLOBAL:
+            rows = df[df["QuestionId"].isin(config.QUESTION_IDS)].reset_index(drop=True)
+        else:
+            rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
+        result = run_question(question_id, rows, backbone)
         log.info("question %s: %s", question_id, {k: result.get(k) for k in ("status", "best_map3", "final_map3", "seconds", "error")})
 
 
@@ -472,6 +598,19 @@ def shard_questions(df, question_ids, shard):
     return [q for q in question_ids if owner[q] == index]
 
 
+def resolve_prompt_version():
+    """--prompt-version, else the global model's prompt: for --scope global, and for --init-from (its adapter
+    learned that prompt)."""
+    if "PROMPT_VERSION" in config.GIVEN:
+        return
+    if config.INIT_FROM:
+        results = global_run(config.INIT_FROM)[1]
+        if os.path.isfile(results):
+            config.update({"PROMPT_VERSION": read_json(results).get("prompt_version", GLOBAL_PROMPT_VERSION)})
+    elif config.SCOPE == "global":
+        config.update({"PROMPT_VERSION": GLOBAL_PROMPT_VERSION})
+
+
 def main(argv=None):
     config.parse_args(__doc__.splitlines()[0], SETTINGS, argv)
     setup_logging()
@@ -485,10 +624,16 @@ def main(argv=None):
             if absent:
                 raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
             question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
-            devices = training_devices()
+            resolve_prompt_version()
+            if config.SCOPE == "global":
+                if config.INIT_FROM:
+                    raise InputError("--init-from starts per-question models from a global one: use it with --scope question")
+                question_ids = [config.GLOBAL] if config.SHARD == "1/1" else []
+            devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
             for device in devices:  # a bad --precision stops here, not inside the workers
                 resolve_precision(config.PRECISION, device)
-            log.info("training %d questions on %s", len(question_ids), ", ".join(devices))
+            log.info("training %s on %s", "the global model" if config.SCOPE == "global" else f"{len(question_ids)} questions",
+                     ", ".join(devices))
             if len(devices) == 1:
                 train_questions(df, question_ids, devices[0])
             else:

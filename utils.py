@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 
 import joblib
 import numpy as np
@@ -136,6 +137,71 @@ def softmax(logits):
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
+PREFIXES = ("True_", "False_")
+
+
+def label_suffix(label):
+    """`True_Misconception:X` -> `Misconception:X`: the label without what the answer's correctness says."""
+    return label.split("_", 1)[1] if label.startswith(PREFIXES) else label
+
+
+def training_targets(df, label_space):
+    """The label each row is trained on: `Category:Misconception` (full) or its suffix (suffix)."""
+    return df[TARGET_COLUMN] if label_space == "full" else df[TARGET_COLUMN].map(label_suffix)
+
+
+def allowed_classes(question_ids, classes, question_classes):
+    """Rows x classes: True where the class was seen for the row's question in training (all for unknown questions)."""
+    classes = np.asarray(classes)
+    allowed = np.ones((len(question_ids), len(classes)), dtype=bool)
+    for row, question_id in enumerate(question_ids):
+        seen = question_classes.get(str(question_id))
+        if seen:
+            allowed[row] = np.isin(classes, seen)
+    return allowed
+
+
+def label_probabilities(logits, classes, correct, allowed=None):
+    """(full labels, probabilities per row) from a model's logits over its classes.
+
+    `allowed` (rows x classes) restricts each row to its question's labels. A suffix class is given the True_
+    or False_ prefix that the row's answer correctness says; where correctness is unknown, both, at half each.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if allowed is not None:
+        logits = np.where(allowed, logits, -np.inf)
+    probs = softmax(logits)
+    if all(label.startswith(PREFIXES) for label in classes):
+        return list(classes), probs
+    verdicts = np.array([0.5 if verdict is None else float(verdict) for verdict in correct])
+    columns = []
+    for column, label in enumerate(classes):
+        if label.startswith(PREFIXES):
+            columns.append(probs[:, column])
+        else:
+            columns += [probs[:, column] * verdicts, probs[:, column] * (1 - verdicts)]
+    return full_labels(classes), np.stack(columns, axis=1)
+
+
+def full_labels(classes):
+    """The Category:Misconception labels a model's classes decode to (label_probabilities' columns)."""
+    labels = []
+    for label in classes:
+        labels += [label] if label.startswith(PREFIXES) else ["True_" + label, "False_" + label]
+    return labels
+
+
+def blend_probabilities(parts):
+    """Weighted mean of [(weight, labels, probabilities)] over the union of their labels (absent label: 0)."""
+    labels = sorted(set().union(*(part_labels for _, part_labels, _ in parts)))
+    index = {label: column for column, label in enumerate(labels)}
+    total = sum(weight for weight, _, _ in parts)
+    blended = np.zeros((len(parts[0][2]), len(labels)))
+    for weight, part_labels, probs in parts:
+        blended[:, [index[label] for label in part_labels]] += (weight / total) * probs
+    return labels, blended
+
+
 def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
     """Top-k labels per row, as lists of k distinct strings.
 
@@ -160,6 +226,22 @@ def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
 
 
 # ---------------------------------------------------------------- models
+
+@dataclass
+class Backbone:
+    """A base model on a device, in a precision, with its tokenizer; adapters and heads are attached in turn."""
+    tokenizer: object
+    model: torch.nn.Module
+    precision: str
+    device: str
+
+
+def load_backbone(name, device, offline=False):
+    precision = resolve_precision(config.PRECISION, device)
+    tokenizer = load_tokenizer(name, offline)
+    log.info("loading %s (%s on %s)", name, precision, device)
+    return Backbone(tokenizer, load_base_model(name, tokenizer, TORCH_DTYPES[precision], device, offline), precision, device)
+
 
 def resolve_precision(setting, device):
     """bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU; an explicit setting wins."""
@@ -207,14 +289,18 @@ def head_name(model):
     raise InputError(f"{type(model).__name__}: no classification head named {' or '.join(HEAD_NAMES)}")
 
 
-def replace_head(model, num_labels):
-    """Give the model a freshly initialised head of num_labels outputs (sizes differ between questions)."""
+def replace_head(model, num_labels, bias=None):
+    """Give the model a fresh head of num_labels outputs (sizes differ between questions).
+
+    The head always has a bias (Qwen3's own has none), set to `bias` (e.g. the log label prior, so training does
+    not begin by learning the label frequencies) or to zeros.
+    """
     name = head_name(model)
     old = getattr(model, name)
-    new = torch.nn.Linear(old.in_features, num_labels, bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device)
+    new = torch.nn.Linear(old.in_features, num_labels, bias=True, dtype=old.weight.dtype, device=old.weight.device)
     torch.nn.init.normal_(new.weight, std=getattr(model.config, "initializer_range", 0.02))
-    if new.bias is not None:
-        torch.nn.init.zeros_(new.bias)
+    with torch.no_grad():
+        new.bias.copy_(torch.zeros(num_labels) if bias is None else torch.as_tensor(bias))
     setattr(model, name, new)
     model.config.num_labels = num_labels
     if hasattr(model, "num_labels"):  # BERT's loss reads the attribute, Qwen3's the config
@@ -241,13 +327,13 @@ def predict_logits(model, input_ids, collator, batch_size, precision):
     return outputs
 
 
-def attach_lora(base_model, lora_config, num_labels, trainable=True):
+def attach_lora(base_model, lora_config, num_labels, trainable=True, head_bias=None):
     """Wrap the base model in place with LoRA layers and a fresh head; `model.unload()` gives it back clean.
 
     Trainable weights are kept in fp32 (optimizer, fp16 grad scaling); for inference everything takes
     the base model's dtype.
     """
-    replace_head(base_model, num_labels)
+    replace_head(base_model, num_labels, head_bias)
     model = get_peft_model(base_model, lora_config, autocast_adapter_dtype=trainable)
     if trainable:
         for parameter in model.parameters():
@@ -276,6 +362,31 @@ def load_adapter(base_model, adapter_dir, num_labels):
         model.unload()
         raise
     return model.eval()
+
+
+def attach_lora_from(base_model, adapter_dir, head_rows):
+    """Attach a trainable copy of a saved adapter whose head keeps only the outputs `head_rows`, in that order.
+
+    Started from a global model's adapter with the rows of one question's labels, the model predicts at step 0
+    what the global model predicts for that question, restricted to its labels.
+    """
+    state_dict = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    lora_config = LoraConfig.from_pretrained(adapter_dir)
+    lora_config.inference_mode = False
+    rows = torch.as_tensor(head_rows, dtype=torch.long)
+    state_dict = {key: value[rows] if key.split(".")[-2] in HEAD_NAMES else value for key, value in state_dict.items()}
+    model = attach_lora(base_model, lora_config, len(head_rows))
+    try:
+        result = set_peft_model_state_dict(model, state_dict)
+        if result.unexpected_keys:
+            raise ValueError(f"{adapter_dir}: unexpected weights {result.unexpected_keys[:3]}")
+    except Exception:
+        model.unload()
+        raise
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model
 
 
 @contextlib.contextmanager
