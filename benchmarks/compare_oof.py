@@ -1,15 +1,17 @@
 """Is run B better than run A, or lucky? Paired comparison of two `--folds K` runs' out-of-fold predictions.
 
 Both runs score the same rows, so the difference in MAP@3 is measured row by row; a bootstrap over the rows
-gives its 95% interval. An interval that straddles 0 means the data cannot tell the two runs apart.
+gives its 95% interval. An interval that straddles 0 means the data cannot tell the two runs apart. A run is an
+output dir (its per-question models) or an output dir's `global/` (its global model). With `--blend-weights`,
+B is also blended into A: (1 - w) A + w B over each row's labels, for each w.
 
     python benchmarks/compare_oof.py --train-data train.csv runs/baseline runs/with_lever [--checkpoint best]
+    python benchmarks/compare_oof.py --train-data train.csv runs/q runs/g/global --blend-weights 0.25,0.5,0.75
 
 (`--checkpoint`: which OOF file, oof_best_map3.csv or oof_best.csv.)
 """
 import glob
 import os
-import re
 import sys
 
 import numpy as np
@@ -17,55 +19,87 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
-from utils import correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
+from utils import blend_probabilities, correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
 
 
-def row_scores(run_dir, question_id, checkpoint, correct_by_row):
-    """Per row of a question's OOF file: its row_id and the MAP@3 of its top 3 (correctness mask on)."""
-    oof = pd.read_csv(os.path.join(run_dir, f"question_{question_id}", f"oof_{checkpoint}.csv"), keep_default_na=False,
-                      dtype={"row_id": str})
-    classes = list(oof.columns[3:])
-    top3 = decode_top_k(oof[classes].to_numpy(float), classes, [correct_by_row[r] for r in oof["row_id"]], True)
-    return pd.Series([map_at_k([truth], [labels]) for truth, labels in zip(oof["label"], top3)], index=oof["row_id"])
+def read_oof(run, checkpoint, question_of):
+    """{QuestionId: OOF table indexed by row_id} of a run: its question_<id>/ files, or its global file split by
+    question (a global model's file has every selected question's rows)."""
+    if os.path.basename(os.path.normpath(run)) == config.GLOBAL:
+        table = pd.read_csv(os.path.join(run, f"oof_{checkpoint}.csv"), keep_default_na=False, dtype={"row_id": str})
+        return {int(q): part.set_index("row_id") for q, part in table.groupby(table["row_id"].map(question_of))}
+    tables = {}
+    for path in glob.glob(os.path.join(run, "question_*", f"oof_{checkpoint}.csv")):
+        question_id = int(os.path.basename(os.path.dirname(path)).split("_")[1])
+        tables[question_id] = pd.read_csv(path, keep_default_na=False, dtype={"row_id": str}).set_index("row_id")
+    if not tables:
+        raise SystemExit(f"error: {run}: no question_<id>/oof_{checkpoint}.csv (train with --folds K)")
+    return tables
 
 
-def compare(train_data, run_a, run_b, checkpoint, samples=2000, seed=0):
-    """{question: (rows, MAP@3 of A, of B)} and the overall difference B - A with its bootstrap 95% interval."""
-    df = read_competition_csv(train_data, labelled=True)
-    correct_by_row = dict(zip(df["row_id"], correctness_of(df)))
-    pattern = re.compile(r"question_(\d+)$")
-    questions = sorted(int(pattern.search(path).group(1)) for path in glob.glob(os.path.join(run_a, "question_*"))
-                       if pattern.search(path) and os.path.isfile(os.path.join(path, f"oof_{checkpoint}.csv")))
-    per_question, differences = {}, []
-    for question_id in questions:
-        a = row_scores(run_a, question_id, checkpoint, correct_by_row)
-        b = row_scores(run_b, question_id, checkpoint, correct_by_row)
-        if set(a.index) != set(b.index):
-            raise SystemExit(f"error: question {question_id}: the two runs' OOF files cover different rows")
-        b = b.loc[a.index]
-        per_question[question_id] = (len(a), a.mean(), b.mean())
-        differences.append((b - a).to_numpy())
-    if not differences:
-        raise SystemExit(f"error: {run_a}: no question_<id>/oof_{checkpoint}.csv (train with --folds K)")
-    differences = np.concatenate(differences)
+def row_scores(table, labels, probs, correct_by_row):
+    """MAP@3 of each row of an OOF table from (labels, probabilities) for its rows (correctness mask on)."""
+    correct = [correct_by_row[row_id] for row_id in table.index]
+    top3 = decode_top_k(probs, labels, correct, True)
+    return pd.Series([map_at_k([truth], [ranked]) for truth, ranked in zip(table["label"], top3)], index=table.index)
+
+
+def parts(table):
+    labels = list(table.columns[2:])
+    return labels, table[labels].to_numpy(float)
+
+
+def paired(differences, samples=2000, seed=0):
+    """Mean of the per-row differences and its bootstrap 95% interval."""
     rng = np.random.default_rng(seed)
     boot = differences[rng.integers(0, len(differences), (samples, len(differences)))].mean(axis=1)
-    return per_question, differences.mean(), np.percentile(boot, [2.5, 97.5])
+    return differences.mean(), np.percentile(boot, [2.5, 97.5])
+
+
+def compare(train_data, run_a, run_b, checkpoint, blend_weights=()):
+    """{question: (rows, MAP@3 of A, of B, of each blend)}, and per compared score the overall difference to A
+    with its 95% interval: [("B", mean, (low, high)), ("blend w", ...), ...]."""
+    rows = read_competition_csv(train_data, labelled=True)
+    correct = dict(zip(rows["row_id"], correctness_of(rows)))
+    question_of = dict(zip(rows["row_id"], rows["QuestionId"]))
+    tables_a, tables_b = read_oof(run_a, checkpoint, question_of), read_oof(run_b, checkpoint, question_of)
+    missing = sorted(set(tables_a) - set(tables_b))
+    if missing:
+        raise SystemExit(f"error: {run_b}: no out-of-fold rows for question(s) {missing}")
+    per_question, differences = {}, {}
+    for question_id in sorted(tables_a):
+        a, b = tables_a[question_id], tables_b[question_id]
+        if set(a.index) != set(b.index) or not (b.loc[a.index, "fold"] == a["fold"]).all():
+            raise SystemExit(f"error: question {question_id}: the two runs' OOF files cover different rows or folds")
+        b = b.loc[a.index]
+        scores = {"A": row_scores(a, *parts(a), correct), "B": row_scores(b, *parts(b), correct)}
+        for weight in blend_weights:
+            labels, probs = blend_probabilities([(1 - weight, *parts(a)), (weight, *parts(b))])
+            scores[f"blend {weight:g}"] = row_scores(a, labels, probs, correct)
+        per_question[question_id] = (len(a), {name: score.mean() for name, score in scores.items()})
+        for name, score in scores.items():
+            differences.setdefault(name, []).append((score - scores["A"]).to_numpy())
+    return per_question, [(name, *paired(np.concatenate(diffs))) for name, diffs in differences.items() if name != "A"]
 
 
 def main(argv=None):
     def run_dirs(parser):
-        parser.add_argument("run_a", help="output dir of the reference run")
-        parser.add_argument("run_b", help="output dir of the run compared with it")
+        parser.add_argument("run_a", help="output dir (or its global/) of the reference run")
+        parser.add_argument("run_b", help="output dir (or its global/) of the run compared with it")
+        parser.add_argument("--blend-weights", default="", help="comma-separated weights w of B in (1 - w) A + w B")
     args = config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "CHECKPOINT"], argv, extra_arguments=run_dirs)
-    per_question, mean, (low, high) = compare(config.TRAIN_DATA_PATH, args.run_a, args.run_b, config.CHECKPOINT)
-    for question_id, (rows, a, b) in per_question.items():
-        print(f"question {question_id}: {rows} rows, MAP@3 {a:.4f} -> {b:.4f} ({b - a:+.4f})")
+    weights = [float(w) for w in args.blend_weights.split(",") if w.strip()]
+    per_question, compared = compare(config.TRAIN_DATA_PATH, args.run_a, args.run_b, config.CHECKPOINT, weights)
+    names = list(next(iter(per_question.values()))[1])
+    print("question rows " + " ".join(f"{name:>11}" for name in names))
+    for question_id, (rows, scores) in per_question.items():
+        print(f"{question_id:>8} {rows:>4} " + " ".join(f"{scores[name]:>11.4f}" for name in names))
     rows = sum(entry[0] for entry in per_question.values())
-    overall_a = sum(entry[0] * entry[1] for entry in per_question.values()) / rows
-    print(f"overall ({rows} rows): MAP@3 {overall_a:.4f} -> {overall_a + mean:.4f}, difference {mean:+.4f} "
-          f"(95% bootstrap interval {low:+.4f} to {high:+.4f})")
-    return per_question, mean, (low, high)
+    overall = {name: sum(n * scores[name] for n, scores in per_question.values()) / rows for name in names}
+    print(f"{'all':>8} {rows:>4} " + " ".join(f"{overall[name]:>11.4f}" for name in names))
+    for name, mean, (low, high) in compared:
+        print(f"{name} - A: {mean:+.4f} (95% bootstrap interval {low:+.4f} to {high:+.4f})")
+    return per_question, compared
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,15 +175,22 @@ def test_gpu_script_reads_real_rows(train_csv):
     assert training["steps"] == 1 and training["rows"] == 8
 
 
-def test_baseline_scores_every_row_out_of_fold(train_csv, capsys):
+def test_baseline_scores_every_row_out_of_fold(train_csv, capsys, tmp_path):
+    import pandas as pd
     baseline = load_script("baseline")
-    baseline.main(["--train-data", train_csv, "--questions", "31772,33471", "--folds", "3"])
+    baseline.main(["--train-data", train_csv, "--questions", "31772,33471", "--folds", "3", "--output-dir", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
     rows = read_competition_csv(train_csv, labelled=True)["QuestionId"].value_counts()
     assert lines[0].startswith(f"question 31772: val rows {rows[31772]}, MAP@3 ")
     assert lines[1].startswith(f"question 33471: val rows {rows[33471]}, MAP@3 ")
     overall = float(lines[2].split("MAP@3 ")[1].split()[0])
     assert 0.5 < overall <= 1.0  # the synthetic explanations carry the label's words
+    # Its out-of-fold file, in train.py's format: every row of the question once, in train.py's folds.
+    oof = pd.read_csv(tmp_path / "question_33471" / "oof_best.csv", keep_default_na=False, dtype={"row_id": str})
+    train = read_competition_csv(train_csv, labelled=True)
+    assert sorted(oof["row_id"]) == sorted(train.loc[train["QuestionId"] == 33471, "row_id"])
+    assert sorted(set(oof["fold"])) == [0, 1, 2]
+    assert np.allclose(oof.iloc[:, 3:].sum(axis=1), 1.0)
 
 
 def test_fold_ensemble_scores_match_submit_on_the_held_out_rows(tiny_model, train_csv, tmp_path):
@@ -232,10 +240,18 @@ def test_compare_oof_scores_rows_in_pairs(tmp_path):
         oof.insert(1, "fold", [0, 1, 0, 1])
         oof.insert(2, "label", truth)
         oof.to_csv(tmp_path / run / "question_999" / "oof_best_map3.csv", index=False)
-    per_question, difference, (low, high) = compare_oof.main(
-        ["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"), str(tmp_path / "b")])
-    assert per_question[999] == (4, pytest.approx(1.0), pytest.approx(0.5))
-    assert difference == pytest.approx(-0.5) and -1.0 <= low <= -0.5 <= high <= 0.0
+    # The same rows as a global model's file: one file for every question, under global/.
+    os.makedirs(tmp_path / "g" / "global")
+    oof.to_csv(tmp_path / "g" / "global" / "oof_best_map3.csv", index=False)
+    for run_b in ("b", "g/global"):
+        per_question, compared = compare_oof.main(["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"),
+                                                   str(tmp_path / run_b), "--blend-weights", "0.5,1"])
+        assert per_question[999] == (4, {"A": pytest.approx(1.0), "B": pytest.approx(0.5),
+                                         # 0.5 exact + 0.5 worse ranks every truth first again; weight 1 is B.
+                                         "blend 0.5": pytest.approx(1.0), "blend 1": pytest.approx(0.5)})
+        (name, difference, (low, high)), blend_half, blend_one = compared
+        assert name == "B" and difference == pytest.approx(-0.5) and -1.0 <= low <= -0.5 <= high <= 0.0
+        assert blend_half[1] == pytest.approx(0.0) and blend_one[1] == pytest.approx(-0.5)
     oof.drop(index=3).to_csv(tmp_path / "b" / "question_999" / "oof_best_map3.csv", index=False)
     with pytest.raises(SystemExit, match="different rows"):
         compare_oof.main(["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"), str(tmp_path / "b")])
