@@ -95,7 +95,8 @@ def test_global_model_ranks_only_its_questions_labels(both_scopes, train_csv, ti
 
 
 def test_init_from_predicts_what_the_global_model_predicts_before_any_step(both_scopes, tiny_model, test_csv):
-    config.update({"OUTPUT_DIR": both_scopes["output_dir"], "MODEL_NAME": tiny_model, "FOLDS": 2, "LABEL_SPACE": "suffix"})
+    config.update({"OUTPUT_DIR": both_scopes["output_dir"], "MODEL_NAME": tiny_model, "FOLDS": 2, "LABEL_SPACE": "suffix",
+                   "CHECKPOINT": "best"})
     question_id = 31772
     global_result = results(both_scopes["output_dir"], config.GLOBAL)
     classes = results(both_scopes["output_dir"], question_id)["classes"]
