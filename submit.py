@@ -24,10 +24,6 @@ from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_o
                    load_base_model, load_tokenizer, log, lora_merged, predict_logits, read_competition_csv, read_question_results,
                    resolve_precision, setup_logging, softmax)
 
-SETTINGS = [
-    "MODEL_NAME", "TEST_DATA_PATH", "OUTPUT_DIR", "SUBMISSION_PATH", "CHECKPOINT", "EVAL_BATCH_SIZE",
-    "QUESTION_IDS", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
-]
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
 
@@ -173,7 +169,7 @@ def write_submission(path, row_ids, predictions):
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, flags={"EVAL_BATCH_SIZE": "--batch-size"})
+    config.parse_args(__doc__.splitlines()[0], "submit", argv)
     setup_logging()
     try:
         if config.DEMO:

@@ -34,15 +34,6 @@ from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, correct
                    load_base_model, load_tokenizer, log, map_at_k, predict_logits, read_competition_csv,
                    read_json, read_question_results, resolve_precision, setup_logging, softmax, write_json_atomic)
 
-SETTINGS = [
-    "MODEL_NAME", "TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS",
-    "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "LEARNING_RATE", "WEIGHT_DECAY",
-    "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER", "DUPLICATES", "VAL_FRACTION", "SEED",
-    "EVAL_STEPS", "LOGGING_STEPS", "GRADIENT_CHECKPOINTING", "PAD_TO_MULTIPLE_OF", "PRECISION", "OVERWRITE",
-    "LORA_RANK", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB",
-    "WANDB_PROJECT", "DEMO", "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD",
-    "SUMMARIZE_ONLY",
-]
 
 
 def text_groups(rows):
@@ -473,7 +464,7 @@ def shard_questions(df, question_ids, shard):
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], SETTINGS, argv)
+    config.parse_args(__doc__.splitlines()[0], "train", argv)
     setup_logging()
     try:
         if config.DEMO:

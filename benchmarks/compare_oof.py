@@ -57,7 +57,7 @@ def main(argv=None):
     def run_dirs(parser):
         parser.add_argument("run_a", help="output dir of the reference run")
         parser.add_argument("run_b", help="output dir of the run compared with it")
-    args = config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "CHECKPOINT"], argv, extra_arguments=run_dirs)
+    args = config.parse_args(__doc__.splitlines()[0], "compare_oof", argv, extra_arguments=run_dirs)
     per_question, mean, (low, high) = compare(config.TRAIN_DATA_PATH, args.run_a, args.run_b, config.CHECKPOINT)
     for question_id, (rows, a, b) in per_question.items():
         print(f"question {question_id}: {rows} rows, MAP@3 {a:.4f} -> {b:.4f} ({b - a:+.4f})")

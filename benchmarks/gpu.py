@@ -50,11 +50,6 @@ from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, load_to
 # other work on the cores, one thread avoids OpenMP threads waiting on each other at every op).
 torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 
-SETTINGS = [
-    "TRAIN_DATA_PATH", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE",
-    "PAD_TO_MULTIPLE_OF", "GRADIENT_CHECKPOINTING", "LORA_RANK", "LORA_ALPHA", "LORA_DROPOUT",
-    "LORA_TARGET_MODULES", "EVAL_STEPS", "VAL_FRACTION", "SEED",
-]
 # Qwen3-0.6B's config.json, less the generation settings a classifier does not use.
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
@@ -281,7 +276,7 @@ def fmt(value, digits=1):
 
 def main(argv=None):
     default_data = config.TRAIN_DATA_PATH
-    args = config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, extra_arguments=extra_arguments)
+    args = config.parse_args(__doc__.splitlines()[0], "gpu", argv, extra_arguments=extra_arguments)
     seconds = args.seconds if args.seconds is not None else (20 if args.tiny else 180)
     n_rows = args.rows or (256 if args.tiny else 16000)
     infer_rows = args.infer_rows or (32 if args.tiny else 16000)

@@ -49,10 +49,6 @@ from utils import (INPUT_COLUMNS, TARGET_COLUMN, TORCH_DTYPES, InputError, load_
 # other work on the cores, one thread avoids OpenMP threads waiting on each other at every op).
 torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 
-SETTINGS = [
-    "TRAIN_DATA_PATH", "MODEL_NAME", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE",
-    "EVAL_BATCH_SIZE", "PAD_TO_MULTIPLE_OF", "SEED",
-]
 # Only the timed training and submit use --questions: two questions keep them to a few CPU minutes.
 # Prompt lengths and padding are measured on every question of the file (no model compute needed).
 DEFAULT_QUESTIONS = [31772, 31774]
@@ -470,7 +466,7 @@ def measure(args, work_dir):
 def main(argv=None):
     config.update({"QUESTION_IDS": DEFAULT_QUESTIONS})
     default_model = config.MODEL_NAME
-    args = config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, extra_arguments=extra_arguments)
+    args = config.parse_args(__doc__.splitlines()[0], "run", argv, extra_arguments=extra_arguments)
     args.model_given = config.MODEL_NAME != default_model
     setup_logging()
     # The tables are the output: train.py's progress and the failures this script provokes on purpose
