@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, TaskType
 from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments, set_seed
 
 import config
-from data_collator import build_data_collator
+from data_collator import LengthGroupedBatches, build_data_collator
 from prompts import encode_prompts
 from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, correctness_of, decode_top_k, fit_label_encoder,
                    load_base_model, load_tokenizer, log, map_at_k, predict_logits, read_competition_csv,
@@ -123,6 +124,14 @@ class MapTrainer(Trainer):
         self.best = {"map3": -1.0}
         self.best_probs = self.last_probs = None
 
+    def get_train_dataloader(self):
+        """Batches of rows of similar length in a shuffled order (LengthGroupedBatches), padded by the collator."""
+        batches = LengthGroupedBatches([len(row["input_ids"]) for row in self.train_dataset], self.args.train_batch_size,
+                                       self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         logits = predict_logits(self.model, self.val_input_ids, self.data_collator, self.args.per_device_eval_batch_size, self.precision)
         probs = self.last_probs = softmax(logits)
@@ -170,11 +179,6 @@ def training_arguments(output_dir, n_train, precision):
     )
     if config.GRADIENT_CHECKPOINTING:
         kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    # Batches of similar length waste little on padding; the option moved in transformers 5.
-    if "group_by_length" in TrainingArguments.__dataclass_fields__:
-        kwargs["group_by_length"] = True
-    else:
-        kwargs["train_sampling_strategy"] = "group_by_length"
     return TrainingArguments(**kwargs)
 
 
