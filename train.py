@@ -133,6 +133,7 @@ class MapTrainer(Trainer):
         return self.accelerator.prepare(loader)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        started = time.perf_counter()
         logits = predict_logits(self.model, self.val_input_ids, self.data_collator, self.args.per_device_eval_batch_size, self.precision)
         probs = self.last_probs = softmax(logits)
         truth = [self.classes[i] for i in self.val_labels]
@@ -145,7 +146,8 @@ class MapTrainer(Trainer):
             self.best_probs = probs
             save_adapter(self.model, self.best_map3_dir)
         metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_map3": map3,
-                   f"{metric_key_prefix}_map3_unmasked": map3_unmasked}
+                   f"{metric_key_prefix}_map3_unmasked": map3_unmasked,
+                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
