@@ -57,16 +57,25 @@ class Predictor:
         self.tokenizer = tokenizer
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
-    def predict(self, question_id, rows, result, fill):
-        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without --folds)."""
-        classes, probs = self.fold_probabilities(question_id, rows, result)
-        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
-
-    def fold_probabilities(self, question_id, rows, result):
-        """(classes, probabilities of each usable fold model of the question); raises when none can be used."""
-        classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
+    def encode(self, rows, result):
+        """Token ids of the rows' prompts, in the prompt version and length the question was trained with."""
         input_ids, _ = encode_prompts(rows, self.tokenizer, result.get("prompt_version", config.PROMPT_VERSION),
                                       result.get("max_len", config.MAX_LEN))
+        return input_ids
+
+    def predict(self, question_id, rows, result, fill, input_ids=None):
+        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without --folds)."""
+        classes, probs = self.fold_probabilities(question_id, rows, result, input_ids)
+        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+
+    def fold_probabilities(self, question_id, rows, result, input_ids=None):
+        """(classes, probabilities of each usable fold model of the question); raises when none can be used.
+
+        `input_ids`: the rows' `encode`d prompts, when already encoded.
+        """
+        classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
+        if input_ids is None:
+            input_ids = self.encode(rows, result)
         folds = result.get("folds", 1)
         probs = []
         for fold in [None] if folds == 1 else range(folds):
@@ -88,18 +97,23 @@ class Predictor:
         return classes, probs
 
 
-def predict_group(predictor, question_id, rows, results):
+def uses_model(predictor, question_id, results):
+    return predictor is not None and question_id in config.QUESTION_IDS and results.get(question_id, {}).get("status") == "succeeded"
+
+
+def predict_group(predictor, question_id, rows, results, encoded=None):
     """A question's predictions, falling back to label frequencies when its model is unusable.
 
-    A question skipped in training (one class) predicts that class first: its frequency table.
+    A question skipped in training (one class) predicts that class first: its frequency table. `encoded`: a
+    Future of the rows' token ids (Predictor.encode), when they are being encoded elsewhere.
     """
     labels, frequencies = frequency_table(results, question_id)
     global_labels, _ = frequency_table(results, None)
     fill = list(dict.fromkeys(labels + global_labels + LAST_RESORT_LABELS))
     status = results.get(question_id, {}).get("status")
-    if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS:
+    if uses_model(predictor, question_id, results):
         try:
-            return predictor.predict(question_id, rows, results[question_id], fill)
+            return predictor.predict(question_id, rows, results[question_id], fill, encoded.result() if encoded else None)
         except Exception as error:
             log.warning("question %s: model unusable (%s: %s); using its label frequencies", question_id, type(error).__name__, error)
     elif status != "skipped":
@@ -130,9 +144,12 @@ def predict(test_df, devices=None):
     devices = devices or visible_devices()
     predictors = [None] * len(devices)
     if needs_model:
-        tokenizer = load_tokenizer(config.MODEL_NAME, offline=True)
         precision = resolve_precision(config.PRECISION, devices[0])
-        base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
+        with ThreadPoolExecutor(1) as pool:
+            # transformers parses the tokenizer (about 1 s for Qwen3's) while the base model loads.
+            tokenizer = pool.submit(load_tokenizer, config.MODEL_NAME, offline=True)
+            base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
+            tokenizer = tokenizer.result()
         # Each extra device gets copies, made on the CPU before the first device takes the original; a fast
         # tokenizer must not be shared between threads.
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
@@ -142,9 +159,14 @@ def predict(test_df, devices=None):
 
     def run(worker):
         predictor, work = worker
-        for question_id, rows in work:
-            for row_id, labels in zip(rows["row_id"], predict_group(predictor, question_id, rows, results)):
-                predictions[row_id] = labels
+        # One thread encodes the prompts, question after question, while this one predicts: the next question's
+        # tokenization overlaps the current one's forward passes. Only that thread calls the tokenizer's encoder.
+        with ThreadPoolExecutor(1) as encoder:
+            encoded = [encoder.submit(predictor.encode, rows, results[question_id]) if uses_model(predictor, question_id, results)
+                       else None for question_id, rows in work]
+            for (question_id, rows), question_encoded in zip(work, encoded):
+                for row_id, labels in zip(rows["row_id"], predict_group(predictor, question_id, rows, results, question_encoded)):
+                    predictions[row_id] = labels
 
     workers = list(zip(predictors, balance(groups, len(devices))))
     with ThreadPoolExecutor(len(workers)) as pool:
