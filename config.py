@@ -1,203 +1,146 @@
-"""Every setting of the system, each with its one default.
+"""Every setting of the system, each declared once: its default, flag, help, choices and the scripts that take it.
 
-Scripts override any of them from the command line (`python train.py --epochs 5`); `parse_args` builds the
-argparse parser from the names below and writes the parsed values back into this module, so the rest of
-the code reads `config.X` and sees the override.
+`setting(...)` records the declaration in SETTINGS and sets the module variable, so the rest of the code reads
+`config.X`. Scripts override any setting they take from the command line (`python train.py --epochs 5`):
+`parse_args` builds the argparse parser from SETTINGS and writes the parsed values back into this module.
+`python config.py` prints README.md's options table (tests/test_config.py checks that the two agree).
+
+Scripts: train (train.py, tests/validate_system.py, benchmarks/fold_ensemble.py), submit (submit.py),
+run and gpu (benchmarks/run.py, benchmarks/gpu.py), baseline and compare_oof (benchmarks/).
 """
 import argparse
 import os
 import sys
+from dataclasses import dataclass, field
 
 from prompt_utils import questions
 
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: object
+    flag: str
+    help: str
+    scripts: tuple
+    choices: tuple = None
+    flag_in: dict = field(default_factory=dict)  # script -> its own flag (submit.py's --batch-size)
+
+    def flag_for(self, script):
+        return self.flag_in.get(script, self.flag)
+
+
+SETTINGS = {}
+
+
+def setting(name, default, flag, help, scripts, choices=None, flag_in=None):
+    """Declare a setting: `config.<name>` starts at `default`; each script in `scripts` (space-separated) takes `flag`."""
+    SETTINGS[name] = Setting(name, default, flag, help, tuple(scripts.split()), choices, flag_in or {})
+    globals()[name] = default
+
+
 # Model and data
-MODEL_NAME = "Qwen/Qwen3-0.6B"
-TRAIN_DATA_PATH = "/kaggle/input/map-charting-student-math-misunderstandings/train.csv"
-TEST_DATA_PATH = "/kaggle/input/map-charting-student-math-misunderstandings/test.csv"
-OUTPUT_DIR = "ver_2"
-SUBMISSION_PATH = "submission.csv"
-QUESTION_IDS = list(questions)
-# question: one model per QuestionId; global: one model over the rows of all selected questions.
-SCOPE = "question"
-INIT_FROM = ""
-LABEL_SPACE = "full"
+setting("MODEL_NAME", "Qwen/Qwen3-0.6B", "--model", "base model: a local directory (or a hub id when online, training only)",
+        "train submit run")
+setting("TRAIN_DATA_PATH", "/kaggle/input/map-charting-student-math-misunderstandings/train.csv", "--train-data",
+        "competition train.csv", "train run gpu baseline compare_oof")
+setting("TEST_DATA_PATH", "/kaggle/input/map-charting-student-math-misunderstandings/test.csv", "--test-data",
+        "competition test.csv (train.py: only validate_system.py reads it)", "train submit")
+setting("OUTPUT_DIR", "ver_2", "--output-dir", "where question_<id>/, global/ and summary/ are written",
+        "train submit baseline")
+setting("SUBMISSION_PATH", "submission.csv", "--submission", "submission file to write", "submit")
+setting("QUESTION_IDS", list(questions), "--questions", "comma-separated QuestionIds to process (default: all 15)",
+        "train submit run baseline")
+setting("SCOPE", "question", "--scope",
+        "question: one model per QuestionId (question_<id>/); global: one model over the rows of all selected questions "
+        "(global/), its scores restricted to each row's question's labels", "train", choices=("question", "global"))
+setting("INIT_FROM", "", "--init-from",
+        "output dir of a --scope global run: each question's LoRA and head start from its global model of the same fold "
+        "(same --folds, --seed, --label-space)", "train")
+setting("LABEL_SPACE", "full", "--label-space",
+        "full: train on Category:Misconception; suffix: without the True_/False_ prefix, which decoding restores from "
+        "the answer's correctness", "train", choices=("full", "suffix"))
 
 # Prompt
-PROMPT_VERSION = "create_prompt_v1"
-MAX_LEN = 300
+setting("PROMPT_VERSION", "create_prompt_v1", "--prompt-version",
+        "prompt builder from prompts.PROMPTS: create_prompt_v1 (answer, correctness, explanation), create_prompt_v2 "
+        "(plus question, choices, known misconceptions; 0.044 lower out of fold, see EXPERIMENTS.md) or "
+        "create_prompt_global (v1 led by the QuestionId: the default of --scope global and of --init-from)",
+        "train run gpu")
+setting("MAX_LEN", 300, "--max-len", "token budget of a prompt; context is shortened to fit, the explanation never",
+        "train run gpu")
 
 # Training
-EPOCHS = 3
-TRAIN_BATCH_SIZE = 32
-EVAL_BATCH_SIZE = 32
-GRADIENT_ACCUMULATION_STEPS = 1
-LEARNING_RATE = 2e-4
-WEIGHT_DECAY = 0.01
-WARMUP_RATIO = 0.1
-LR_SCHEDULER = "linear"
-HEAD_LR_MULTIPLIER = 10.0
-HEAD_INIT = "prior"
-LABEL_SMOOTHING = 0.0
-CLASS_WEIGHT_POWER = 0.0
-DUPLICATES = "keep"
-VAL_FRACTION = 0.2
-SEED = 42
-EVAL_STEPS = 0.1
-LOGGING_STEPS = 10
-GRADIENT_CHECKPOINTING = False
-PAD_TO_MULTIPLE_OF = 0
-PRECISION = "auto"
-OVERWRITE = False
-FOLDS = 1
+setting("EPOCHS", 3, "--epochs", "training epochs per question", "train run gpu")
+setting("TRAIN_BATCH_SIZE", 32, "--batch-size", "training batch size per device", "train run gpu")
+setting("EVAL_BATCH_SIZE", 32, "--eval-batch-size", "evaluation/inference batch size",
+        "train submit run gpu", flag_in={"submit": "--batch-size"})
+setting("GRADIENT_ACCUMULATION_STEPS", 1, "--grad-accum", "batches accumulated per optimizer step", "train")
+setting("LEARNING_RATE", 2e-4, "--lr", "peak learning rate", "train")
+setting("WEIGHT_DECAY", 0.01, "--weight-decay", "AdamW weight decay", "train")
+setting("WARMUP_RATIO", 0.1, "--warmup-ratio", "fraction of the optimizer steps spent warming up", "train")
+setting("LR_SCHEDULER", "linear", "--lr-scheduler", "transformers learning-rate schedule name", "train")
+setting("HEAD_LR_MULTIPLIER", 10.0, "--head-lr-multiplier",
+        "learning rate of a new classification head, as a multiple of --lr", "train")
+setting("HEAD_INIT", "prior", "--head-init",
+        "bias of a new head: prior (log label frequencies of its training rows) or zero", "train", choices=("prior", "zero"))
+setting("LABEL_SMOOTHING", 0.0, "--label-smoothing", "label smoothing of the training loss (0: none)", "train")
+setting("CLASS_WEIGHT_POWER", 0.0, "--class-weight-power",
+        "weight each class's loss by (rows / class rows) ** power (0: unweighted, 1: balanced)", "train")
+setting("DUPLICATES", "keep", "--duplicates",
+        "training rows that repeat a text with different labels: keep, drop, or majority (relabel to the group's most "
+        "common label; a tie drops the group); validation rows are never changed", "train",
+        choices=("keep", "drop", "majority"))
+setting("VAL_FRACTION", 0.2, "--val-fraction", "fraction of each question's rows held out for validation (--folds 1)",
+        "train gpu baseline")
+setting("SEED", 42, "--seed", "random seed (split, head init, data order)", "train run gpu baseline")
+setting("EVAL_STEPS", 0.1, "--eval-steps", "evaluate every N optimizer steps; a value below 1 is a fraction of the run",
+        "train gpu")
+setting("LOGGING_STEPS", 10, "--logging-steps", "log the training loss every N steps", "train")
+setting("GRADIENT_CHECKPOINTING", False, "--gradient-checkpointing", "trade compute for memory (for OOM on small GPUs)",
+        "train gpu")
+setting("PAD_TO_MULTIPLE_OF", 0, "--pad-to-multiple-of", "pad batches to a multiple of this many tokens (0: longest row only)",
+        "train submit run gpu")
+setting("PRECISION", "auto", "--precision", "auto (bf16 where supported, fp16 on other GPUs, fp32 on CPU), bf16, fp16 or fp32",
+        "train submit", choices=("auto", "bf16", "fp16", "fp32"))
+setting("OVERWRITE", False, "--overwrite", "retrain questions whose results already exist", "train")
+setting("FOLDS", 1, "--folds", "1: one train/validation split; K > 1: K-fold with out-of-fold predictions and a fold ensemble",
+        "train baseline")
 
 # LoRA
-LORA_RANK = 64
-LORA_ALPHA = 128
-LORA_DROPOUT = 0.05
-LORA_TARGET_MODULES = ["q_proj", "v_proj", "k_proj", "o_proj"]
+setting("LORA_RANK", 64, "--lora-rank", "LoRA rank r", "train gpu")
+setting("LORA_ALPHA", 128, "--lora-alpha", "LoRA alpha", "train gpu")
+setting("LORA_DROPOUT", 0.05, "--lora-dropout", "LoRA dropout", "train gpu")
+setting("LORA_TARGET_MODULES", ["q_proj", "v_proj", "k_proj", "o_proj"], "--lora-targets",
+        "comma-separated module names LoRA adapts (query,key,value,dense for BERT)", "train gpu")
 
 # Parallel runs
-GPUS = "all"
-WORKERS = 0
-SHARD = "1/1"
-SUMMARIZE_ONLY = False
+setting("GPUS", "all", "--gpus", "GPUs to use, e.g. 0,1 (all: every visible GPU); one worker process per GPU", "train")
+setting("WORKERS", 0, "--workers", "worker processes (0: one per GPU, 1 on CPU)", "train")
+setting("SHARD", "1/1", "--shard", "K/N: train only the K-th of N size-balanced partitions of the questions", "train")
+setting("SUMMARIZE_ONLY", False, "--summarize-only", "only rebuild the summary from the question results on disk", "train")
 
 # Inference
-CHECKPOINT = "best_map3"
-CORRECTNESS_MASK = True
-MERGE_LORA = True
-GLOBAL_WEIGHT = 0.5
+setting("CHECKPOINT", "best_map3", "--checkpoint", "adapter to load: best_map3 (best validation MAP@3) or best (final)",
+        "submit compare_oof", choices=("best_map3", "best"))
+setting("CORRECTNESS_MASK", True, "--correctness-mask",
+        "rank labels whose True_/False_ prefix matches the chosen answer's correctness first", "train submit")
+setting("MERGE_LORA", True, "--merge-lora",
+        "fold LoRA into the base weights while predicting a question (the base is restored exactly)", "submit")
+setting("GLOBAL_WEIGHT", 0.5, "--global-weight",
+        "weight of the global model where both it and a question's model exist (0: question models only, 1: global only)",
+        "submit")
 
 # Experiment tracking
-USE_WANDB = False
-WANDB_PROJECT = "map-question-specific"
+setting("USE_WANDB", False, "--wandb", "log each question as a wandb run (one group per output dir)", "train")
+setting("WANDB_PROJECT", "map-question-specific", "--wandb-project", "wandb project name", "train")
 
 # Demo
-DEMO = False
-DEMO_OUTPUT_DIR = "ver_demo"
+setting("DEMO", False, "--demo", "run on generated data with a tiny random Qwen3 (no downloads needed)", "train submit")
+setting("DEMO_OUTPUT_DIR", "ver_demo", "--demo-output-dir", "output directory of --demo", "train submit")
 # A tiny random-init model learns from a short prompt at a high learning rate: --demo applies these to
 # every setting not given on the command line.
 DEMO_SETTINGS = {"LEARNING_RATE": 5e-3, "EPOCHS": 8}
-
-HELP = {
-    "MODEL_NAME": "base model: a local directory (or a hub id when online)",
-    "TRAIN_DATA_PATH": "competition train.csv",
-    "TEST_DATA_PATH": "competition test.csv",
-    "OUTPUT_DIR": "where question_<id>/ and summary/ are written",
-    "SUBMISSION_PATH": "submission file to write",
-    "QUESTION_IDS": "comma-separated QuestionIds to process (default: all 15)",
-    "SCOPE": "question: one model per QuestionId (question_<id>/); global: one model over all selected questions "
-             "(global/), its scores restricted to each row's question's labels",
-    "INIT_FROM": "output dir of a --scope global run: each question's LoRA and head start from its global model "
-                 "(same --folds and --seed)",
-    "LABEL_SPACE": "full: train on Category:Misconception; suffix: without the True_/False_ prefix, which decoding "
-                   "restores from the answer's correctness",
-    "HEAD_LR_MULTIPLIER": "learning rate of the new classification head, as a multiple of --lr",
-    "HEAD_INIT": "bias of a new head: prior (log label frequencies of the training rows) or zero",
-    "GLOBAL_WEIGHT": "weight of the global model where both it and a question's model exist (0: question models "
-                     "only, 1: global only)",
-    "PROMPT_VERSION": "prompt builder from prompts.PROMPTS (default: create_prompt_v1, create_prompt_global with "
-                      "--scope global)",
-    "MAX_LEN": "token budget of a prompt; context is shortened to fit, the explanation never",
-    "EPOCHS": "training epochs per question",
-    "TRAIN_BATCH_SIZE": "training batch size per device",
-    "EVAL_BATCH_SIZE": "evaluation/inference batch size",
-    "GRADIENT_ACCUMULATION_STEPS": "batches accumulated per optimizer step",
-    "LEARNING_RATE": "peak learning rate",
-    "WEIGHT_DECAY": "AdamW weight decay",
-    "WARMUP_RATIO": "fraction of the optimizer steps spent warming up",
-    "LR_SCHEDULER": "transformers learning-rate schedule name",
-    "LABEL_SMOOTHING": "label smoothing of the training loss (0: none)",
-    "CLASS_WEIGHT_POWER": "weight each class's loss by (rows / class rows) ** power (0: unweighted, 1: balanced)",
-    "DUPLICATES": "training rows that repeat a text with different labels: keep, drop, or majority (relabel to the "
-                  "group's most common label; a tie drops the group); validation rows are never changed",
-    "VAL_FRACTION": "fraction of each question's rows held out for validation",
-    "SEED": "random seed (split, head init, data order)",
-    "EVAL_STEPS": "evaluate every N optimizer steps; a value below 1 is a fraction of the run",
-    "LOGGING_STEPS": "log the training loss every N steps",
-    "GRADIENT_CHECKPOINTING": "trade compute for memory (for OOM on small GPUs)",
-    "PAD_TO_MULTIPLE_OF": "pad batches to a multiple of this many tokens (0: longest row only)",
-    "PRECISION": "auto (bf16 where supported, fp16 on other GPUs, fp32 on CPU), bf16, fp16 or fp32",
-    "OVERWRITE": "retrain questions whose results already exist",
-    "FOLDS": "1: one train/validation split; K > 1: K-fold with out-of-fold predictions and a fold ensemble",
-    "GPUS": "GPUs to use, e.g. 0,1 (all: every visible GPU); one worker process per GPU",
-    "WORKERS": "worker processes (0: one per GPU, 1 on CPU)",
-    "SHARD": "K/N: train only the K-th of N size-balanced partitions of the questions",
-    "SUMMARIZE_ONLY": "only rebuild the summary from the question results on disk",
-    "LORA_RANK": "LoRA rank r",
-    "LORA_ALPHA": "LoRA alpha",
-    "LORA_DROPOUT": "LoRA dropout",
-    "LORA_TARGET_MODULES": "comma-separated module names LoRA adapts",
-    "CHECKPOINT": "adapter to load: best_map3 (best validation MAP@3) or best (final)",
-    "CORRECTNESS_MASK": "rank labels whose True_/False_ prefix matches the chosen answer's correctness first",
-    "MERGE_LORA": "fold LoRA into the base weights while predicting a question (the base is restored exactly)",
-    "USE_WANDB": "log each question as a wandb run (one group per output dir)",
-    "WANDB_PROJECT": "wandb project name",
-    "DEMO": "run on generated data with a tiny random Qwen3 (no downloads needed)",
-    "DEMO_OUTPUT_DIR": "output directory of --demo",
-}
-
-FLAGS = {
-    "MODEL_NAME": "--model",
-    "TRAIN_DATA_PATH": "--train-data",
-    "TEST_DATA_PATH": "--test-data",
-    "OUTPUT_DIR": "--output-dir",
-    "SUBMISSION_PATH": "--submission",
-    "QUESTION_IDS": "--questions",
-    "SCOPE": "--scope",
-    "INIT_FROM": "--init-from",
-    "LABEL_SPACE": "--label-space",
-    "HEAD_LR_MULTIPLIER": "--head-lr-multiplier",
-    "HEAD_INIT": "--head-init",
-    "GLOBAL_WEIGHT": "--global-weight",
-    "PROMPT_VERSION": "--prompt-version",
-    "MAX_LEN": "--max-len",
-    "EPOCHS": "--epochs",
-    "TRAIN_BATCH_SIZE": "--batch-size",
-    "EVAL_BATCH_SIZE": "--eval-batch-size",
-    "GRADIENT_ACCUMULATION_STEPS": "--grad-accum",
-    "LEARNING_RATE": "--lr",
-    "WEIGHT_DECAY": "--weight-decay",
-    "WARMUP_RATIO": "--warmup-ratio",
-    "LR_SCHEDULER": "--lr-scheduler",
-    "LABEL_SMOOTHING": "--label-smoothing",
-    "CLASS_WEIGHT_POWER": "--class-weight-power",
-    "DUPLICATES": "--duplicates",
-    "VAL_FRACTION": "--val-fraction",
-    "SEED": "--seed",
-    "EVAL_STEPS": "--eval-steps",
-    "LOGGING_STEPS": "--logging-steps",
-    "GRADIENT_CHECKPOINTING": "--gradient-checkpointing",
-    "PAD_TO_MULTIPLE_OF": "--pad-to-multiple-of",
-    "PRECISION": "--precision",
-    "OVERWRITE": "--overwrite",
-    "FOLDS": "--folds",
-    "GPUS": "--gpus",
-    "WORKERS": "--workers",
-    "SHARD": "--shard",
-    "SUMMARIZE_ONLY": "--summarize-only",
-    "LORA_RANK": "--lora-rank",
-    "LORA_ALPHA": "--lora-alpha",
-    "LORA_DROPOUT": "--lora-dropout",
-    "LORA_TARGET_MODULES": "--lora-targets",
-    "CHECKPOINT": "--checkpoint",
-    "CORRECTNESS_MASK": "--correctness-mask",
-    "MERGE_LORA": "--merge-lora",
-    "USE_WANDB": "--wandb",
-    "WANDB_PROJECT": "--wandb-project",
-    "DEMO": "--demo",
-    "DEMO_OUTPUT_DIR": "--demo-output-dir",
-}
-
-CHOICES = {
-    "PRECISION": ["auto", "bf16", "fp16", "fp32"],
-    "CHECKPOINT": ["best_map3", "best"],
-    "DUPLICATES": ["keep", "drop", "majority"],
-    "SCOPE": ["question", "global"],
-    "LABEL_SPACE": ["full", "suffix"],
-    "HEAD_INIT": ["prior", "zero"],
-}
-
 
 # Settings given explicitly on the command line (parse_args fills it): --demo leaves those alone.
 GIVEN = set()
@@ -237,52 +180,81 @@ def get_question_results_path(question_id):
     return os.path.join(get_summary_dir(), name)
 
 
-def _list_of(item_type):
-    def parse(text):
-        return [item_type(part.strip()) for part in text.split(",") if part.strip()]
-    return parse
-
-
-def _add_setting(parser, name, flag):
-    default = globals()[name]
-    kwargs = {"dest": name, "default": default, "help": HELP[name]}
-    if isinstance(default, bool):
-        kwargs["action"] = argparse.BooleanOptionalAction
-    elif isinstance(default, list):
-        kwargs["type"] = _list_of(type(default[0]))
-        kwargs["metavar"] = "A,B,..."
-    else:
-        kwargs["type"] = type(default)
-        kwargs["choices"] = CHOICES.get(name)
-    parser.add_argument(flag, **kwargs)
-
-
 def snapshot():
     """All settings as a dict, e.g. to hand to a worker process."""
-    return {name: value for name, value in globals().items() if name.isupper() and name not in ("HELP", "FLAGS", "CHOICES", "GIVEN", "DEMO_SETTINGS", "GLOBAL")}
+    return {name: globals()[name] for name in SETTINGS}
 
 
 def update(settings):
     globals().update(settings)
 
 
-def parse_args(description, names, argv=None, flags=None, extra_arguments=None):
-    """Parse `--flag value` overrides of the settings `names` into this module.
+def settings_of(script):
+    """The settings a script takes, in declaration order."""
+    return [entry for entry in SETTINGS.values() if script in entry.scripts]
 
-    `flags` renames a setting's flag for one script (submit.py's --batch-size is EVAL_BATCH_SIZE);
+
+def _list_of(item_type):
+    def parse(text):
+        return [item_type(part.strip()) for part in text.split(",") if part.strip()]
+    return parse
+
+
+def _add_setting(parser, entry, flag):
+    # argparse formats help with %: a literal one must be doubled.
+    kwargs = {"dest": entry.name, "default": entry.default, "help": entry.help.replace("%", "%%")}
+    if isinstance(entry.default, bool):
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif isinstance(entry.default, list):
+        kwargs["type"] = _list_of(type(entry.default[0]))
+        kwargs["metavar"] = "A,B,..."
+    else:
+        kwargs["type"] = type(entry.default)
+        kwargs["choices"] = entry.choices
+    parser.add_argument(flag, **kwargs)
+
+
+def parse_args(description, script, argv=None, extra_arguments=None):
+    """Parse `--flag value` overrides of the settings `script` takes into this module.
+
     `extra_arguments(parser)` adds script-only arguments. Returns the argparse namespace.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      allow_abbrev=False)
-    flags = {**FLAGS, **(flags or {})}
-    for name in names:
-        _add_setting(parser, name, flags[name])
+    entries = settings_of(script)
+    for entry in entries:
+        _add_setting(parser, entry, entry.flag_for(script))
     if extra_arguments:
         extra_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    update({name: getattr(args, name) for name in names})
+    update({entry.name: getattr(args, entry.name) for entry in entries})
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
     GIVEN.clear()
-    GIVEN.update(name for name in names if {flags[name], "--no-" + flags[name][2:]} & given)
+    GIVEN.update(entry.name for entry in entries
+                 if {entry.flag_for(script), "--no-" + entry.flag_for(script)[2:]} & given)
     return args
+
+
+def options_table():
+    """README.md's options table, one row per setting."""
+    def shown(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if value == "":
+            return "(none)"
+        return "`" + (",".join(map(str, value)) if isinstance(value, list) else str(value)) + "`"
+
+    lines = ["| flag | setting | default | scripts | meaning |", "|---|---|---|---|---|"]
+    for entry in SETTINGS.values():
+        flags = [f"`{entry.flag}`"] + [f"`{flag}` ({script})" for script, flag in entry.flag_in.items()]
+        if isinstance(entry.default, bool):
+            flags.append(f"`--no-{entry.flag[2:]}`")
+        flag_text = " / ".join(flags)
+        choices = f" (choices: {', '.join(entry.choices)})" if entry.choices else ""
+        lines.append(f"| {flag_text} | {entry.name} | {shown(entry.default)} | {' '.join(entry.scripts)} | {entry.help}{choices} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(options_table())

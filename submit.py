@@ -24,10 +24,6 @@ from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, allowed_class
                    decode_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log, lora_merged,
                    predict_logits, read_competition_csv, read_question_results, resolve_precision, setup_logging)
 
-SETTINGS = [
-    "MODEL_NAME", "TEST_DATA_PATH", "OUTPUT_DIR", "SUBMISSION_PATH", "CHECKPOINT", "EVAL_BATCH_SIZE",
-    "QUESTION_IDS", "GLOBAL_WEIGHT", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
-]
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
 
@@ -174,9 +170,12 @@ def predict(test_df, devices=None):
     devices = devices or visible_devices()
     predictors = [None] * len(devices)
     if needs_model:
-        tokenizer = load_tokenizer(config.MODEL_NAME, offline=True)
         precision = resolve_precision(config.PRECISION, devices[0])
-        base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
+        with ThreadPoolExecutor(1) as pool:
+            # transformers parses the tokenizer (about 1 s for Qwen3's) while the base model loads.
+            tokenizer = pool.submit(load_tokenizer, config.MODEL_NAME, offline=True)
+            base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
+            tokenizer = tokenizer.result()
         # Each extra device gets copies, made on the CPU before the first device takes the original; a fast
         # tokenizer must not be shared between threads.
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
@@ -215,7 +214,7 @@ def write_submission(path, row_ids, predictions):
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, flags={"EVAL_BATCH_SIZE": "--batch-size"})
+    config.parse_args(__doc__.splitlines()[0], "submit", argv)
     setup_logging()
     try:
         if config.DEMO:

@@ -26,26 +26,16 @@ import torch
 import torch.nn.functional as F
 from peft import LoraConfig, TaskType
 from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments, set_seed
 
 import config
-from data_collator import build_data_collator
+from data_collator import LengthGroupedBatches, build_data_collator
 from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
 from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, allowed_classes, attach_lora, attach_lora_from, correctness_of,
                    decode_top_k, fit_label_encoder, full_labels, label_probabilities, load_backbone, log, map_at_k,
                    predict_logits, read_competition_csv, read_json, read_question_results, resolve_precision,
                    setup_logging, softmax, training_targets, write_json_atomic)
-
-SETTINGS = [
-    "MODEL_NAME", "TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS",
-    "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "LEARNING_RATE", "WEIGHT_DECAY",
-    "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER", "DUPLICATES", "VAL_FRACTION", "SEED",
-    "EVAL_STEPS", "LOGGING_STEPS", "GRADIENT_CHECKPOINTING", "PAD_TO_MULTIPLE_OF", "PRECISION", "OVERWRITE",
-    "SCOPE", "INIT_FROM", "LABEL_SPACE", "HEAD_LR_MULTIPLIER", "HEAD_INIT", "LORA_RANK", "LORA_ALPHA",
-    "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "USE_WANDB",
-    "WANDB_PROJECT", "DEMO", "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD",
-    "SUMMARIZE_ONLY",
-]
 
 
 def text_groups(rows):
@@ -166,7 +156,16 @@ class MapTrainer(Trainer):
         self.best = {"map3": -1.0}
         self.best_probs = self.last_probs = None
 
+    def get_train_dataloader(self):
+        """Batches of rows of similar length in a shuffled order (LengthGroupedBatches), padded by the collator."""
+        batches = LengthGroupedBatches([len(row["input_ids"]) for row in self.train_dataset], self.args.train_batch_size,
+                                       self.args.seed)
+        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        started = time.perf_counter()
         data, val_idx = self.data, self.val_idx
         logits = predict_logits(self.model, [data.input_ids[i] for i in val_idx], self.data_collator,
                                 self.args.per_device_eval_batch_size, self.precision)
@@ -185,7 +184,8 @@ class MapTrainer(Trainer):
             self.best_probs = probs
             save_adapter(self.model, self.best_map3_dir)
         metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_map3": map3,
-                   f"{metric_key_prefix}_map3_unmasked": map3_unmasked}
+                   f"{metric_key_prefix}_map3_unmasked": map3_unmasked,
+                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -219,11 +219,6 @@ def training_arguments(output_dir, n_train, precision):
     )
     if config.GRADIENT_CHECKPOINTING:
         kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    # Batches of similar length waste little on padding; the option moved in transformers 5.
-    if "group_by_length" in TrainingArguments.__dataclass_fields__:
-        kwargs["group_by_length"] = True
-    else:
-        kwargs["train_sampling_strategy"] = "group_by_length"
     return TrainingArguments(**kwargs)
 
 
@@ -612,7 +607,7 @@ def resolve_prompt_version():
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], SETTINGS, argv)
+    config.parse_args(__doc__.splitlines()[0], "train", argv)
     setup_logging()
     try:
         if config.DEMO:

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import joblib
@@ -269,7 +270,10 @@ def load_tokenizer(name, offline=False):
 
 
 def load_base_model(name, tokenizer, dtype, device, offline=False):
-    """The base model with a placeholder head; `replace_head` gives it each question's head."""
+    """The base model with a placeholder head; `replace_head` gives it each question's head.
+
+    `tokenizer` may be a Future of it (concurrent.futures): it is needed only once the model is loaded.
+    """
     # transformers 5 renamed torch_dtype to dtype; 4.51 knows only torch_dtype.
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     try:
@@ -278,6 +282,8 @@ def load_base_model(name, tokenizer, dtype, device, offline=False):
         )
     except OSError as error:
         raise InputError(f"--model {name}: cannot load model ({str(error).splitlines()[0]})") from None
+    if isinstance(tokenizer, Future):
+        tokenizer = tokenizer.result()
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.to(device)
 

@@ -44,8 +44,7 @@ def baseline_map3(rows, splits):
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "OUTPUT_DIR", "QUESTION_IDS", "VAL_FRACTION", "SEED",
-                                                "FOLDS"], argv)
+    config.parse_args(__doc__.splitlines()[0], "baseline", argv)
     df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
     scores, weights = [], []
     for question_id in config.QUESTION_IDS:

@@ -87,7 +87,7 @@ def main(argv=None):
         parser.add_argument("run_a", help="output dir (or its global/) of the reference run")
         parser.add_argument("run_b", help="output dir (or its global/) of the run compared with it")
         parser.add_argument("--blend-weights", default="", help="comma-separated weights w of B in (1 - w) A + w B")
-    args = config.parse_args(__doc__.splitlines()[0], ["TRAIN_DATA_PATH", "CHECKPOINT"], argv, extra_arguments=run_dirs)
+    args = config.parse_args(__doc__.splitlines()[0], "compare_oof", argv, extra_arguments=run_dirs)
     weights = [float(w) for w in args.blend_weights.split(",") if w.strip()]
     per_question, compared = compare(config.TRAIN_DATA_PATH, args.run_a, args.run_b, config.CHECKPOINT, weights)
     names = list(next(iter(per_question.values()))[1])

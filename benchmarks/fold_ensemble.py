@@ -68,7 +68,7 @@ def score_holdout(holdout):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    config.parse_args(__doc__.splitlines()[0], train.SETTINGS, argv)
+    config.parse_args(__doc__.splitlines()[0], "train", argv)
     if config.FOLDS < 2:
         raise SystemExit("error: --folds must be at least 2 for a fold ensemble")
     dev, holdout = split_holdout(read_competition_csv(config.TRAIN_DATA_PATH, labelled=True))

@@ -11,9 +11,11 @@ figures; the real train.csv's explanations are shorter, mean 22, p99 64, max 286
 its own lengths).
 
 Training runs train.train_question on all rows as one pooled question: its split, prompts, LoRA and
-MapTrainer with the project's length-grouped sampler and collator; the MapTrainer is only extended to
-count tokens, stop at the time budget and skip the evaluations. Inference attaches a fresh LoRA adapter
-per question and calls utils.predict_logits, as submit.py does (without reading adapters from disk).
+MapTrainer with the project's length-grouped batches and collator, unchanged. A forward pre-hook on the
+model (which this script builds) counts the tokens and stops the run at the time budget; evaluations are
+pushed past the end (EVAL_STEPS). Inference attaches a fresh LoRA adapter per question and calls
+utils.predict_logits, as submit.py does (without reading adapters from disk). Only public functions of the
+project are called; none is patched.
 
 FLOPs: 6 * N * real tokens + 12 * layers * attention width * sum(row length^2) (PaLM's count, attention
 included), N = all parameters but the embedding table, LoRA included. With LoRA the frozen weights get no
@@ -35,7 +37,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, TaskType  # noqa: E402
-from transformers import Qwen3Config, Qwen3ForSequenceClassification, TrainerCallback  # noqa: E402
+from transformers import Qwen3Config, Qwen3ForSequenceClassification  # noqa: E402
 
 import config  # noqa: E402
 import train  # noqa: E402
@@ -43,18 +45,13 @@ from data_collator import build_data_collator  # noqa: E402
 from demo.synthetic import FILLER, make_rows, qwen_tokenizer_dir  # noqa: E402
 from prompt_utils import questions  # noqa: E402
 from prompts import encode_prompts  # noqa: E402
-from utils import (TARGET_COLUMN, TORCH_DTYPES, InputError, attach_lora, load_tokenizer, predict_logits,  # noqa: E402
+from utils import (TARGET_COLUMN, TORCH_DTYPES, Backbone, InputError, attach_lora, load_tokenizer, predict_logits,  # noqa: E402
                    read_competition_csv, resolve_precision)
 
 # The CPU this was written on is shared: two threads at most, fewer when OMP_NUM_THREADS asks (with
 # other work on the cores, one thread avoids OpenMP threads waiting on each other at every op).
 torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 
-SETTINGS = [
-    "TRAIN_DATA_PATH", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE", "EVAL_BATCH_SIZE",
-    "PAD_TO_MULTIPLE_OF", "GRADIENT_CHECKPOINTING", "LORA_RANK", "LORA_ALPHA", "LORA_DROPOUT",
-    "LORA_TARGET_MODULES", "EVAL_STEPS", "VAL_FRACTION", "SEED",
-]
 # Qwen3-0.6B's config.json, less the generation settings a classifier does not use.
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
@@ -140,20 +137,18 @@ class TrainingTimed(Exception):
     """Leaves train.train_question once the timed steps are done (its evaluation and saves are not timed)."""
 
 
-class Meter(TrainerCallback):
-    """Real/computed tokens and sum of squared lengths per micro-batch (counted by MeteredTrainer), the
-    clock at the end of the warm-up steps and at the last step, and the stop at the budget."""
+class Meter:
+    """A pre-hook on the model's decoder, run before each forward pass: real/computed tokens and sum of squared
+    lengths per micro-batch, the clock at the start, after the warm-up steps and at the end, and the stop
+    (TrainingTimed, raised through the Trainer) at the time budget, at --max-steps, or at the first evaluation
+    forward pass after training began (train_question also evaluates once before its first step: not timed)."""
 
-    def __init__(self, device, budget_s, warmup_steps, max_steps):
-        self.device, self.budget_s, self.warmup_steps, self.max_steps = device, budget_s, warmup_steps, max_steps
+    def __init__(self, model, device, budget_s, warmup_steps, max_steps):
+        self.model, self.device, self.budget_s, self.warmup_steps, self.max_steps = model, device, budget_s, warmup_steps, max_steps
         self.real = self.computed = self.rows = self.square_sum = 0
         self.pending = []  # row lengths still on the GPU: reading them at every step would wait for it
         self.marks = {}  # name -> (time, step, real, computed, rows, square_sum)
-
-    def count(self, attention_mask):
-        self.pending.append(attention_mask.sum(dim=1))
-        self.computed += attention_mask.numel()
-        self.rows += len(attention_mask)
+        self.micro_batches = 0
 
     def mark(self, name, step):
         sync(self.device)  # the GPU may run behind the Python loop
@@ -164,18 +159,31 @@ class Meter(TrainerCallback):
         self.pending = []
         self.marks[name] = (now, step, self.real, self.computed, self.rows, self.square_sum)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.mark("begin", 0)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup_steps:
-            self.mark("warm", state.global_step)
-        elapsed = time.perf_counter() - self.marks["begin"][0]
-        if elapsed >= self.budget_s or (self.max_steps and state.global_step >= self.max_steps):
-            control.should_training_stop = True
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.mark("end", state.global_step)
+    def before_forward(self, module, args, kwargs):
+        # Every optimizer step before this micro-batch is complete (backward and optimizer step included).
+        step = self.micro_batches // config.GRADIENT_ACCUMULATION_STEPS
+        if not module.training:
+            if "begin" not in self.marks:
+                return
+            self.mark("end", step)
+            raise TrainingTimed
+        if self.micro_batches % config.GRADIENT_ACCUMULATION_STEPS == 0:
+            if step == 0:
+                self.mark("begin", 0)
+                # LoRA and the head are attached to the base model now: count what trains and what does not.
+                self.frozen = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)
+                self.trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+            if step == self.warmup_steps:
+                self.mark("warm", step)
+            if step > 0 and (time.perf_counter() - self.marks["begin"][0] >= self.budget_s
+                             or (self.max_steps and step >= self.max_steps)):
+                self.mark("end", step)
+                raise TrainingTimed
+        mask = kwargs["attention_mask"]
+        self.pending.append(mask.sum(dim=1))
+        self.computed += mask.numel()
+        self.rows += len(mask)
+        self.micro_batches += 1
 
     def window(self):
         """Differences between the end and the warm mark (the begin mark when training was too short)."""
@@ -183,46 +191,22 @@ class Meter(TrainerCallback):
         return [end - begin for end, begin in zip(self.marks["end"], start)]
 
 
-def metered_trainer(meter):
-    class MeteredTrainer(train.MapTrainer):
-        """train.MapTrainer counting its batches, stopped by the meter, without evaluations."""
-
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            self.add_callback(meter)
-            meter.parameters = {"frozen": sum(p.numel() for p in self.model.parameters() if not p.requires_grad),
-                                "trainable": sum(p.numel() for p in self.model.parameters() if p.requires_grad)}
-
-        def training_step(self, model, inputs, *args, **kwargs):
-            meter.count(inputs["attention_mask"])
-            return super().training_step(model, inputs, *args, **kwargs)
-
-        def evaluate(self, *args, **kwargs):
-            return {}
-
-        def train(self, *args, **kwargs):
-            super().train(*args, **kwargs)
-            raise TrainingTimed
-
-    return MeteredTrainer
-
-
 def time_training(df, tokenizer, base_model, precision, budget_s, warmup_steps, max_steps, device):
-    meter = Meter(device, budget_s, warmup_steps, max_steps)
-    saved = train.MapTrainer
-    train.MapTrainer = metered_trainer(meter)
+    meter = Meter(base_model, device, budget_s, warmup_steps, max_steps)
+    # The decoder runs once per micro-batch whatever wraps the model (LoRA, the head); the pre-hook sees its mask.
+    handle = base_model.model.register_forward_pre_hook(meter.before_forward, with_kwargs=True)
     reset_peak(device)
     try:
         # All rows as one question: one long run of the real training code, not 15 short ones.
-        train.train_question(int(df["QuestionId"].iloc[0]), df, tokenizer, base_model, precision)
-        raise RuntimeError("train.train_question returned without training")
+        train.train_question(int(df["QuestionId"].iloc[0]), df, Backbone(tokenizer, base_model, precision, device))
+        raise RuntimeError("train.train_question returned without evaluating")
     except TrainingTimed:
         pass
     finally:
-        train.MapTrainer = saved
+        handle.remove()
     seconds, steps, real, computed, rows, square_sum = meter.window()
     embedding = base_model.get_input_embeddings().weight.numel()
-    n_frozen, n_lora = meter.parameters["frozen"] - embedding, meter.parameters["trainable"]
+    n_frozen, n_lora = meter.frozen - embedding, meter.trainable
     model_config = base_model.config
     attention = 12 * model_config.num_hidden_layers * model_config.num_attention_heads * model_config.head_dim * square_sum
     flops = 6 * (n_frozen + n_lora) * real + attention
@@ -281,7 +265,7 @@ def fmt(value, digits=1):
 
 def main(argv=None):
     default_data = config.TRAIN_DATA_PATH
-    args = config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, extra_arguments=extra_arguments)
+    args = config.parse_args(__doc__.splitlines()[0], "gpu", argv, extra_arguments=extra_arguments)
     seconds = args.seconds if args.seconds is not None else (20 if args.tiny else 180)
     n_rows = args.rows or (256 if args.tiny else 16000)
     infer_rows = args.infer_rows or (32 if args.tiny else 16000)

@@ -5,12 +5,15 @@
 Measures, on a labelled CSV:
 - prompt token lengths of every prompt version (prompts.encode_prompts at --max-len);
 - padding efficiency (real tokens / tokens computed) of the training batches of every question over
-  --epochs epochs, as train.py builds them (train.train_question: its split, its MapTrainer's length-grouped
-  sampler and its collator; only the model is not run), and of the inference batches utils.predict_logits
-  builds for every question's rows;
-- a short real training (train.py's main on --rows rows of each of --questions): tokens/s;
-- submit.py's main on --submit-rows rows of those questions (labels dropped): rows/s, wall time / time in
-  the model's forward passes, base-model loads, and where the rest of the time goes.
+  --epochs epochs, as train.py builds them (train.fold_splits and train.resolve_duplicates for the split,
+  data_collator.LengthGroupedBatches and the collator, as MapTrainer.get_train_dataloader; no model is run),
+  and of the inference batches utils.predict_logits builds for every question's rows;
+- a short real training (train.main on --rows rows of each of --questions): tokens/s, from the training
+  loop's and the evaluations' times in each question's log history;
+- submit.main on --submit-rows rows of those questions (labels dropped): rows/s, wall time / time in the
+  model's forward passes, base-model loads, padding of the batches the model received.
+Only the project's public functions are called; the one patch is transformers' from_pretrained, to count the
+base-model loads and time the forward passes with hooks.
 The model is a random-init Qwen3 (--layers, --hidden) with the real Qwen3 tokenizer unless --model is given.
 Prints tables and, as its last line, one JSON object with every figure.
 """
@@ -23,7 +26,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import defaultdict
 from types import SimpleNamespace
 from unittest import mock
 
@@ -39,20 +41,16 @@ import transformers  # noqa: E402
 import config  # noqa: E402
 import submit  # noqa: E402
 import train  # noqa: E402
-from data_collator import build_data_collator  # noqa: E402
+from data_collator import LengthGroupedBatches, build_data_collator  # noqa: E402
 from demo.synthetic import build_tiny_qwen3  # noqa: E402
 from prompts import PROMPTS, encode_prompts  # noqa: E402
-from utils import (INPUT_COLUMNS, TARGET_COLUMN, TORCH_DTYPES, InputError, load_base_model, load_tokenizer, predict_logits,  # noqa: E402
-                   read_competition_csv, resolve_precision, setup_logging)
+from utils import (INPUT_COLUMNS, TARGET_COLUMN, InputError, load_tokenizer, predict_logits, read_competition_csv,  # noqa: E402
+                   resolve_precision, setup_logging)
 
 # The CPU this was written on is shared: two threads at most, fewer when OMP_NUM_THREADS asks (with
 # other work on the cores, one thread avoids OpenMP threads waiting on each other at every op).
 torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 
-SETTINGS = [
-    "TRAIN_DATA_PATH", "MODEL_NAME", "QUESTION_IDS", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE",
-    "EVAL_BATCH_SIZE", "PAD_TO_MULTIPLE_OF", "SEED",
-]
 # Only the timed training and submit use --questions: two questions keep them to a few CPU minutes.
 # Prompt lengths and padding are measured on every question of the file (no model compute needed).
 DEFAULT_QUESTIONS = [31772, 31774]
@@ -110,55 +108,14 @@ class CountingCollator:
         return batch
 
 
-class CollatorFactory:
-    """Stands in for build_data_collator in a module, keeping every collator it hands out."""
-
-    def __init__(self):
-        self.collators = []
-
-    def __call__(self, tokenizer, pad_to_multiple_of=0):
-        self.collators.append(CountingCollator(build_data_collator(tokenizer, pad_to_multiple_of)))
-        return self.collators[-1]
-
-    def counts(self, kind):
-        return total(collator.counts[kind] for collator in self.collators)
-
-
-class Stopwatch:
-    """Self time (time in nested timed calls left out) and calls of the functions it wraps."""
-
-    def __init__(self):
-        self.seconds = defaultdict(float)
-        self.calls = defaultdict(int)
-        self.local = threading.local()  # submit.py predicts in worker threads
-
-    def wrap(self, name, function):
-        def timed(*args, **kwargs):
-            stack = self.local.__dict__.setdefault("stack", [])
-            stack.append(0.0)  # time in nested timed calls
-            start = time.perf_counter()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                self.seconds[name] += elapsed - stack.pop()
-                self.calls[name] += 1
-                if stack:
-                    stack[-1] += elapsed
-        return timed
-
-    def patches(self, owner, *attributes):
-        """Patches timing each attribute that owner has (the breakdown is informative, not essential)."""
-        return [mock.patch.object(owner, name, self.wrap(name, getattr(owner, name))) for name in attributes if hasattr(owner, name)]
-
-
 class ForwardTimer:
-    """Seconds inside a model's forward calls, LoRA layers included: hooks on the base model survive
-    attaching and unloading adapters, which wrap it in place."""
+    """Seconds inside a model's forward calls, LoRA layers included, and the tokens of their batches: hooks
+    on the base model survive attaching and unloading adapters, which wrap it in place."""
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
+        self.counts = Counts()
         self.local = threading.local()
         self.handles = []
 
@@ -166,7 +123,11 @@ class ForwardTimer:
         if next(module.parameters()).is_cuda:
             torch.cuda.synchronize()
 
-    def _start(self, module, args):
+    def _start(self, module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        self.counts.real += int(mask.sum())
+        self.counts.computed += mask.numel()
+        self.counts.batches += 1
         self._sync(module)
         self.local.start = time.perf_counter()
 
@@ -176,7 +137,7 @@ class ForwardTimer:
         self.calls += 1
 
     def attach(self, model):
-        self.handles += [model.register_forward_pre_hook(self._start), model.register_forward_hook(self._stop)]
+        self.handles += [model.register_forward_pre_hook(self._start, with_kwargs=True), model.register_forward_hook(self._stop)]
         return model
 
     def detach(self):
@@ -196,34 +157,6 @@ class BatchingOnly(torch.nn.Module):
         return SimpleNamespace(logits=torch.zeros(len(input_ids), 1))
 
 
-class BatchesCounted(Exception):
-    """Ends a question's training once its batches have been counted."""
-
-
-def run_patched(script_main, argv, patches):
-    """Wall time of a script's main run under the patches; a failing run is an error."""
-    start_all(patches)
-    try:
-        start = time.perf_counter()
-        code = script_main(argv)
-        wall = time.perf_counter() - start
-    finally:
-        stop_all(patches)
-    if code != 0:
-        raise RuntimeError(f"{script_main.__module__}.main exited with {code}")
-    return wall
-
-
-def start_all(patches):
-    for patch in patches:
-        patch.start()
-
-
-def stop_all(patches):
-    for patch in reversed(patches):
-        patch.stop()
-
-
 # ---------------------------------------------------------------- measurements
 
 def prompt_lengths(df, tokenizer):
@@ -236,34 +169,32 @@ def prompt_lengths(df, tokenizer):
     return stats, chosen
 
 
-def training_padding(df, tokenizer, base_model, precision):
-    """Padding of the training batches of every question over the epochs train.py runs.
+def training_split(rows):
+    """The rows train.train_question trains a question on (--folds 1): its split, then its duplicates policy."""
+    train_idx, _ = train.fold_splits(rows, 1, config.SEED)[0]
+    _, trainable = train.resolve_duplicates(train.text_groups(rows), rows[TARGET_COLUMN].to_numpy(), config.DUPLICATES)
+    return train_idx[trainable[train_idx]]
 
-    train.train_question runs as it is (split, prompts, LoRA, MapTrainer with the project's sampler and
-    collator) except that MapTrainer.train only iterates its training dataloader, then stops the question.
+
+def training_padding(df, input_ids, tokenizer):
+    """Padding of the training batches of every question over the epochs train.py runs: its split, its batch
+    sampler (data_collator.LengthGroupedBatches, as MapTrainer.get_train_dataloader uses it) and its collator.
+
+    A question with one class is skipped, as train.py skips it.
     """
     counted = {}
-
-    def count_batches(trainer, *args, **kwargs):
-        loader = trainer.get_train_dataloader()
-        for _ in range(int(trainer.args.num_train_epochs)):
-            for _ in loader:
-                pass
-        counted[question_id] = trainer.data_collator.counts["train"]
-        raise BatchesCounted
-
-    patches = [mock.patch.object(train, "build_data_collator", CollatorFactory()),
-               mock.patch.object(train.MapTrainer, "train", count_batches)]
-    start_all(patches)
-    try:
-        for question_id in sorted(df["QuestionId"].unique()):
-            rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
-            try:
-                train.train_question(question_id, rows, tokenizer, base_model, precision)
-            except BatchesCounted:
-                pass
-    finally:
-        stop_all(patches)
+    for question_id in sorted(df["QuestionId"].unique()):
+        rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
+        if rows[TARGET_COLUMN].nunique() <= 1:
+            continue
+        question_input_ids = [input_ids[i] for i in df.index[df["QuestionId"] == question_id]]
+        features = [{"input_ids": question_input_ids[i], "labels": 0} for i in training_split(rows)]
+        collator = CountingCollator(build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF))
+        sampler = LengthGroupedBatches([len(row["input_ids"]) for row in features], config.TRAIN_BATCH_SIZE, config.SEED)
+        for _ in range(config.EPOCHS):
+            for batch in sampler:
+                collator([features[i] for i in batch])
+        counted[question_id] = collator.counts["train"]
     return counted
 
 
@@ -279,43 +210,43 @@ def inference_padding(df, input_ids, tokenizer):
     return per_question
 
 
-def setting_flags(names):
-    """`--flag value` for the current value of each setting, as train.py and submit.py parse them."""
-    argv = []
-    for name in names:
-        value = getattr(config, name)
-        if isinstance(value, bool):
-            argv.append(config.FLAGS[name] if value else "--no-" + config.FLAGS[name][2:])
-        else:
-            argv += [config.FLAGS[name], ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    return argv
-
-
 def timed_training(df, rows_per_question, work_dir):
-    """train.py's main on --rows rows of each of --questions: where its time goes, the tokens it trains on."""
+    """train.py's main on --rows rows of each of --questions: the time of its training loop and evaluations
+    (from each question's log history), the tokens of its batches (the same split and sampler, counted apart)."""
     parts = []
     for question_id in config.QUESTION_IDS:
         rows = df[df["QuestionId"] == question_id]
         parts.append(rows.sample(n=min(rows_per_question, len(rows)), random_state=config.SEED))
+    subset = pd.concat(parts).reset_index(drop=True)
     subset_path = os.path.join(work_dir, "train_subset.csv")
-    pd.concat(parts).drop(columns=[TARGET_COLUMN]).to_csv(subset_path, index=False)
+    subset.drop(columns=[TARGET_COLUMN]).to_csv(subset_path, index=False)
 
-    watch = Stopwatch()
-    collators = CollatorFactory()
-    patches = ([mock.patch.object(train, "build_data_collator", collators)]
-               + watch.patches(train.MapTrainer, "train", "evaluate")
-               + watch.patches(train, "load_base_model", "encode_prompts", "save_adapter"))
-    argv = setting_flags([name for name in SETTINGS if name != "TRAIN_DATA_PATH"])
-    argv += ["--train-data", subset_path, "--output-dir", config.OUTPUT_DIR]
-    wall = run_patched(train.main, argv, patches)
-    counts = collators.counts("train")
-    # MapTrainer.train's self time: the training loop without its evaluations (timed apart, adapter saves in them).
-    loop = watch.seconds["train"]
+    argv = ["--model", config.MODEL_NAME, "--train-data", subset_path, "--output-dir", config.OUTPUT_DIR,
+            "--questions", ",".join(map(str, config.QUESTION_IDS)), "--prompt-version", config.PROMPT_VERSION,
+            "--max-len", str(config.MAX_LEN), "--epochs", str(config.EPOCHS), "--batch-size", str(config.TRAIN_BATCH_SIZE),
+            "--eval-batch-size", str(config.EVAL_BATCH_SIZE), "--pad-to-multiple-of", str(config.PAD_TO_MULTIPLE_OF),
+            "--seed", str(config.SEED)]
+    start = time.perf_counter()
+    code = train.main(argv)
+    wall = time.perf_counter() - start
+    if code != 0:
+        raise RuntimeError(f"train.main exited with {code}")
+    loop = evaluate = 0.0
+    evaluations = 0
+    for question_id in config.QUESTION_IDS:
+        with open(os.path.join(config.get_question_log_dir(question_id), "log_history.json")) as handle:
+            history = json.load(handle)
+        trained = next(i for i, entry in enumerate(history) if "train_runtime" in entry)
+        during = sum(entry["eval_runtime"] for entry in history[:trained] if "eval_runtime" in entry)
+        loop += history[trained]["train_runtime"] - during  # the training loop, its evaluations left out
+        evaluate += sum(entry["eval_runtime"] for entry in history if "eval_runtime" in entry)
+        evaluations += sum("eval_runtime" in entry for entry in history)
+    tokenizer = load_tokenizer(config.MODEL_NAME)
+    input_ids, _ = encode_prompts(subset, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
+    counts = total(training_padding(subset, input_ids, tokenizer).values())
     return {
-        "rows": sum(len(part) for part in parts), "wall_s": wall, "loop_s": loop, "counts": counts,
-        "evaluate_s": watch.seconds["evaluate"], "evaluations": watch.calls["evaluate"],
-        "seconds": dict(watch.seconds),
-        "tokens_per_s": counts.real / loop, "computed_tokens_per_s": counts.computed / loop,
+        "rows": len(subset), "wall_s": wall, "loop_s": loop, "counts": counts, "evaluate_s": evaluate,
+        "evaluations": evaluations, "tokens_per_s": counts.real / loop, "computed_tokens_per_s": counts.computed / loop,
         "wall_tokens_per_s": counts.real / wall,
     }
 
@@ -327,42 +258,35 @@ def timed_submit(df, n_rows, work_dir):
     test_path = os.path.join(work_dir, "test.csv")
     rows.to_csv(test_path, index=False)
 
-    watch = Stopwatch()
     forward = ForwardTimer()
-    collators = CollatorFactory()
     loads = []
     from_pretrained = transformers.AutoModelForSequenceClassification.from_pretrained
 
     def counted_from_pretrained(*args, **kwargs):
-        # Every base model loaded is counted, and its forward passes timed.
+        # Every base model transformers loads is counted, and its forward passes timed.
         loads.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
         return forward.attach(from_pretrained(*args, **kwargs))
 
-    patches = ([mock.patch.object(transformers.AutoModelForSequenceClassification, "from_pretrained", counted_from_pretrained),
-                mock.patch.object(submit, "build_data_collator", collators)]
-               + watch.patches(submit, "read_competition_csv", "read_question_results", "load_tokenizer", "load_base_model",
-                               "encode_prompts", "load_adapter", "predict_logits", "decode_top_k", "write_submission")
-               + watch.patches(submit.Predictor, "__init__"))
     argv = ["--model", config.MODEL_NAME, "--test-data", test_path, "--output-dir", config.OUTPUT_DIR,
             "--submission", os.path.join(work_dir, "submission.csv"), "--batch-size", str(config.EVAL_BATCH_SIZE),
             "--questions", ",".join(map(str, config.QUESTION_IDS)), "--pad-to-multiple-of", str(config.PAD_TO_MULTIPLE_OF)]
     try:
-        wall = run_patched(submit.main, argv, patches)
+        with mock.patch.object(transformers.AutoModelForSequenceClassification, "from_pretrained", counted_from_pretrained):
+            start = time.perf_counter()
+            code = submit.main(argv)
+            wall = time.perf_counter() - start
     finally:
         forward.detach()
+    if code != 0:
+        raise RuntimeError(f"submit.main exited with {code}")
     # A `python submit.py` process also starts an interpreter and imports torch, transformers and peft
     # before main runs: timed apart, in a fresh process, and left out of the ratio (as the goal defines it).
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import submit"], cwd=ROOT, check=True)
     import_s = time.perf_counter() - start
-    seconds = dict(watch.seconds)
-    # predict_logits' self time still holds the forward passes: split them out.
-    seconds["predict_logits"] = seconds.get("predict_logits", 0.0) - forward.seconds
-    seconds["forward"] = forward.seconds
-    seconds["other"] = wall - sum(seconds.values())
     return {
         "rows": len(rows), "wall_s": wall, "forward_s": forward.seconds, "forward_calls": forward.calls,
-        "base_loads": len(loads), "counts": collators.counts("infer"), "seconds": seconds,
+        "base_loads": len(loads), "counts": forward.counts, "seconds": {"forward": forward.seconds, "other": wall - forward.seconds},
         "rows_per_s": len(rows) / wall, "overhead_ratio": wall / forward.seconds if forward.seconds else None,
         "import_s": import_s,
     }
@@ -402,9 +326,7 @@ def measure(args, work_dir):
     prompt_stats, input_ids = prompt_lengths(df, tokenizer)
     prompt_s = time.perf_counter() - clock
     clock = time.perf_counter()
-    base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], device)
-    train_padding = training_padding(df, tokenizer, base_model, precision)
-    del base_model
+    train_padding = training_padding(df, input_ids, tokenizer)
     infer_padding = inference_padding(df, input_ids, tokenizer)
     padding_s = time.perf_counter() - clock
     train_total, infer_total = total(train_padding.values()), total(infer_padding.values())
@@ -470,11 +392,10 @@ def measure(args, work_dir):
 def main(argv=None):
     config.update({"QUESTION_IDS": DEFAULT_QUESTIONS})
     default_model = config.MODEL_NAME
-    args = config.parse_args(__doc__.splitlines()[0], SETTINGS, argv, extra_arguments=extra_arguments)
+    args = config.parse_args(__doc__.splitlines()[0], "run", argv, extra_arguments=extra_arguments)
     args.model_given = config.MODEL_NAME != default_model
     setup_logging()
-    # The tables are the output: train.py's progress and the failures this script provokes on purpose
-    # (BatchesCounted) would only bury them.
+    # The tables are the output: train.py's and submit.py's progress would only bury them.
     logging.getLogger().setLevel(logging.CRITICAL)
     started = time.perf_counter()
     try:

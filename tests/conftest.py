@@ -17,7 +17,7 @@ torch.set_num_threads(2)
 SINGLE_CLASS_QUESTION = 109465
 SINGLETON = (31772, "True_Misconception:WNB")
 # The demo's settings, under which the tiny model learns the synthetic signal within seconds.
-FAST = [f"{config.FLAGS[name]}={value}" for name, value in config.DEMO_SETTINGS.items()] + ["--eval-steps", "0.25"]
+FAST = [f"{config.SETTINGS[name].flag}={value}" for name, value in config.DEMO_SETTINGS.items()] + ["--eval-steps", "0.25"]
 
 
 @pytest.fixture(autouse=True)

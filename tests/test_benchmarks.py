@@ -255,3 +255,23 @@ def test_compare_oof_scores_rows_in_pairs(tmp_path):
     oof.drop(index=3).to_csv(tmp_path / "b" / "question_999" / "oof_best_map3.csv", index=False)
     with pytest.raises(SystemExit, match="different rows"):
         compare_oof.main(["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+@pytest.mark.parametrize("name", ["run", "gpu"])
+def test_benchmarks_patch_none_of_the_project(name):
+    """They call the project's public functions: no attribute of a project module is replaced or patched."""
+    import ast
+    project = {"train", "submit", "utils", "prompts", "prompt_utils", "data_collator"}
+    tree = ast.parse(open(os.path.join(ROOT, "benchmarks", f"{name}.py")).read())
+
+    def owner(node):
+        while isinstance(node, ast.Attribute):
+            node = node.value
+        return node.id if isinstance(node, ast.Name) else None
+
+    replaced = [ast.unparse(target) for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AugAssign))
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                if isinstance(target, ast.Attribute) and owner(target) in project]
+    patched = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call) and node.args
+               and ast.unparse(node.func).split(".")[-1] in ("object", "setattr") and owner(node.args[0]) in project]
+    assert replaced == [] and patched == []

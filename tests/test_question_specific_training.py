@@ -34,7 +34,7 @@ def run_end_to_end(workdir):
 
     output_dir = os.path.join(workdir, "out")
     common = ["--model", model, "--output-dir", output_dir, "--questions", ",".join(map(str, QUESTIONS))]
-    tiny_model_settings = [f"{config.FLAGS[name]}={value}" for name, value in config.DEMO_SETTINGS.items()]
+    tiny_model_settings = [f"{config.SETTINGS[name].flag}={value}" for name, value in config.DEMO_SETTINGS.items()]
     code = train.main(common + ["--train-data", train_path, *tiny_model_settings])
     assert code == 0, f"train.py exited with {code}"
     summary = json.load(open(os.path.join(output_dir, "summary", "all_questions_summary.json")))

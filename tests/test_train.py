@@ -159,7 +159,7 @@ def test_help_lists_the_flags(capsys):
 
 
 def test_flags_override_the_config(tmp_path):
-    config.parse_args("x", train.SETTINGS, ["--questions", "1,2", "--lora-targets", "query,value", "--lr", "0.5", "--wandb"])
+    config.parse_args("x", "train", ["--questions", "1,2", "--lora-targets", "query,value", "--lr", "0.5", "--wandb"])
     assert config.QUESTION_IDS == [1, 2] and config.LORA_TARGET_MODULES == ["query", "value"]
     assert config.LEARNING_RATE == 0.5 and config.USE_WANDB is True
     assert config.get_question_model_path(7) == os.path.join(config.OUTPUT_DIR, "question_7", "best_map3")
@@ -168,7 +168,7 @@ def test_flags_override_the_config(tmp_path):
 def test_demo_keeps_settings_given_on_the_command_line(tmp_path, monkeypatch):
     from demo import synthetic
     monkeypatch.setattr(synthetic, "build_tiny_qwen3", lambda path: path)
-    config.parse_args("x", train.SETTINGS, ["--demo", "--epochs", "3", "--demo-output-dir", str(tmp_path)])
+    config.parse_args("x", "train", ["--demo", "--epochs", "3", "--demo-output-dir", str(tmp_path)])
     assert config.GIVEN == {"DEMO", "EPOCHS", "DEMO_OUTPUT_DIR"}
     synthetic.prepare_demo(rows_per_question=5)
     assert config.EPOCHS == 3

@@ -14,7 +14,6 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
-import train  # noqa: E402
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "scikit-learn", "pandas", "numpy", "joblib"]
 MINIMUM = {"transformers": (4, 51)}
@@ -170,7 +169,7 @@ def check_output(checks, lora_params):
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], train.SETTINGS, argv)
+    config.parse_args(__doc__.splitlines()[0], "train", argv)
     checks = Checklist()
     check_environment(checks)
     check_config(checks)
