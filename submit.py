@@ -16,11 +16,14 @@ import joblib
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
+import report
 from data_collator import build_data_collator
 from prompts import encode_prompts
-from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_of, decode_top_k, load_adapter,
+from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_of, decode_top_k, frequency_top_k, load_adapter,
                    load_base_model, load_tokenizer, log, lora_merged, predict_logits, read_competition_csv, read_question_results,
                    resolve_precision, setup_logging, softmax)
 
@@ -46,11 +49,6 @@ def frequency_table(results, question_id):
     return labels, np.array([counts[label] for label in labels], dtype=float)
 
 
-def fallback_labels(rows, labels, frequencies, fill):
-    probs = np.tile(frequencies / frequencies.sum(), (len(rows), 1))
-    return decode_top_k(probs, labels, correctness_of(rows), config.CORRECTNESS_MASK, fill)
-
-
 class Predictor:
     """One device's copy of the base model, onto which question adapters are attached in turn."""
 
@@ -62,9 +60,9 @@ class Predictor:
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
     def predict(self, question_id, rows, result, fill):
-        """Top-3 labels per row, from the mean probabilities of the question's fold models (one without --folds)."""
+        """(top-3 labels per row, from the mean probabilities of the question's fold models, models used)."""
         classes, probs = self.fold_probabilities(question_id, rows, result)
-        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+        return decode_top_k(np.mean(probs, axis=0), classes, correctness_of(rows), config.CORRECTNESS_MASK, fill), len(probs)
 
     def fold_probabilities(self, question_id, rows, result):
         """(classes, probabilities of each usable fold model of the question); raises when none can be used."""
@@ -93,7 +91,7 @@ class Predictor:
 
 
 def predict_group(predictor, question_id, rows, results):
-    """A question's predictions, falling back to label frequencies when its model is unusable.
+    """(a question's predictions, how they were made), falling back to label frequencies when its model is unusable.
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -101,15 +99,20 @@ def predict_group(predictor, question_id, rows, results):
     global_labels, _ = frequency_table(results, None)
     fill = list(dict.fromkeys(labels + global_labels + LAST_RESORT_LABELS))
     status = results.get(question_id, {}).get("status")
+    source = "its" if question_id in results else "global"
+    why = {"skipped": "one class in training", "failed": "training failed", None: "never trained"}.get(status, "not in --questions")
     if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS:
         try:
-            return predictor.predict(question_id, rows, results[question_id], fill)
+            predictions, models = predictor.predict(question_id, rows, results[question_id], fill)
+            folds = results[question_id].get("folds", 1)
+            return predictions, f"model ({models} of {folds} folds)" if models < folds else f"model ({folds} fold{'s' * (folds > 1)})"
         except Exception as error:
             log.warning("question %s: model unusable (%s: %s); using its label frequencies", question_id, type(error).__name__, error)
+            why = f"model unusable, {type(error).__name__}"
     elif status != "skipped":
-        log.warning("question %s: no trained model; using %s label frequencies", question_id,
-                    "its" if question_id in results else "global")
-    return fallback_labels(rows, labels, frequencies, fill)
+        log.warning("question %s: no trained model; using %s label frequencies", question_id, source)
+    return (frequency_top_k(labels, frequencies, correctness_of(rows), config.CORRECTNESS_MASK, fill),
+            f"{source} label frequencies ({why})")
 
 
 def visible_devices():
@@ -127,7 +130,7 @@ def balance(groups, n_workers):
 
 
 def predict(test_df, devices=None):
-    """Top-3 label lists for every row of the test frame, in its order."""
+    """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds))."""
     results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
@@ -142,18 +145,23 @@ def predict(test_df, devices=None):
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
-    predictions = {}
+    predictions, done = {}, []
+    bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
 
     def run(worker):
         predictor, work = worker
         for question_id, rows in work:
-            for row_id, labels in zip(rows["row_id"], predict_group(predictor, question_id, rows, results)):
-                predictions[row_id] = labels
+            started = time.time()
+            labels, how = predict_group(predictor, question_id, rows, results)
+            predictions.update(zip(rows["row_id"], labels))
+            done.append((question_id, len(rows), how, time.time() - started))
+            bar.update(len(rows))
 
     workers = list(zip(predictors, balance(groups, len(devices))))
-    with ThreadPoolExecutor(len(workers)) as pool:
+    with logging_redirect_tqdm(), ThreadPoolExecutor(len(workers)) as pool:
         list(pool.map(run, workers))
-    return [predictions[row_id] for row_id in test_df["row_id"]]
+    bar.close()
+    return [predictions[row_id] for row_id in test_df["row_id"]], done
 
 
 def write_submission(path, row_ids, predictions):
@@ -181,14 +189,14 @@ def main(argv=None):
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
         started = time.time()
-        predictions = predict(test_df)
+        predictions, done = predict(test_df)
         seconds = time.time() - started
         write_submission(config.SUBMISSION_PATH, test_df["row_id"], predictions)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    log.info("wrote %s: %d rows, predicted in %.1f s (%.0f rows/s, model loading included)",
-             config.SUBMISSION_PATH, len(test_df), seconds, len(test_df) / max(seconds, 1e-9))
+    print(report.prediction_table(done, seconds), flush=True)
+    log.info("wrote %s: %d rows", config.SUBMISSION_PATH, len(test_df))
     return 0
 
 
