@@ -136,7 +136,6 @@ class MapTrainer(Trainer):
     """
     progress = None  # the run's report.RunProgress (set by train_questions): a bar over steps, models counted
 
-
     def __init__(self, *args, val_input_ids, val_labels, val_correct, classes, precision, best_map3_dir, **kwargs):
         super().__init__(*args, **kwargs)
         self.remove_callback(PrinterCallback)  # evaluate() logs each evaluation once; the printed dicts repeated it
