@@ -16,13 +16,17 @@ import joblib
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
+import report
 from data_collator import build_data_collator
 from prompts import encode_prompts
 from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, allowed_classes, blend_probabilities, correctness_of,
-                   decode_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log, lora_merged,
-                   predict_logits, read_competition_csv, read_question_results, resolve_precision, setup_logging)
+                   decode_top_k, frequency_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
+                   lora_merged, predict_logits, read_competition_csv, read_question_results, resolve_precision,
+                   setup_logging)
 
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
@@ -42,11 +46,6 @@ def frequency_table(results, question_id):
     return labels, np.array([counts[label] for label in labels], dtype=float)
 
 
-def fallback_labels(rows, labels, frequencies, fill):
-    probs = np.tile(frequencies / frequencies.sum(), (len(rows), 1))
-    return decode_top_k(probs, labels, correctness_of(rows), config.CORRECTNESS_MASK, fill)
-
-
 class Predictor:
     """One device's copy of the base model, onto which question adapters are attached in turn."""
 
@@ -58,9 +57,9 @@ class Predictor:
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
     def probabilities(self, question_id, rows, result):
-        """(full labels, mean probabilities of the fold models of a question or of GLOBAL); one without --folds."""
+        """(full labels, mean probabilities of the fold models of a question or of GLOBAL, models used)."""
         labels, probs = self.fold_probabilities(question_id, rows, result)
-        return labels, np.mean(probs, axis=0)
+        return labels, np.mean(probs, axis=0), len(probs)
 
     def fold_probabilities(self, question_id, rows, result):
         """(full labels, probabilities of each usable fold model); raises when none can be used.
@@ -98,8 +97,9 @@ class Predictor:
 
 
 def predict_group(predictor, question_id, rows, results, global_part=None):
-    """A question's predictions: its model, the global model's (labels, probabilities) for these rows, or their
-    blend (GLOBAL_WEIGHT on the global model); label frequencies when neither is usable.
+    """(a question's predictions, how they were made): its model, the global model's (labels, probabilities,
+    models used) for these rows, or their blend (GLOBAL_WEIGHT on the global model); label frequencies when
+    neither is usable.
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -107,30 +107,41 @@ def predict_group(predictor, question_id, rows, results, global_part=None):
     global_labels, _ = frequency_table(results, None)
     fill = list(dict.fromkeys(labels + global_labels + LAST_RESORT_LABELS))
     status = results.get(question_id, {}).get("status")
-    parts = []
+    source = "its" if question_id in results else "global"
+    why = {"skipped": "one class in training", "failed": "training failed", None: "never trained"}.get(status, "not in --questions")
+    parts, used = [], []
     if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS and (
             global_part is None or config.GLOBAL_WEIGHT < 1):
         try:
-            parts.append((1 - config.GLOBAL_WEIGHT, *predictor.probabilities(question_id, rows, results[question_id])))
+            part_labels, probs, models = predictor.probabilities(question_id, rows, results[question_id])
+            parts.append((1 - config.GLOBAL_WEIGHT, part_labels, probs))
+            used.append(models_used("model", models, results[question_id].get("folds", 1)))
         except Exception as error:
             log.warning("question %s: model unusable (%s: %s); using %s", question_id, type(error).__name__, error,
                         "the global model" if global_part else "its label frequencies")
+            why = f"model unusable, {type(error).__name__}"
     elif status != "skipped" and global_part is None:
-        log.warning("question %s: no trained model; using %s label frequencies", question_id,
-                    "its" if question_id in results else "global")
+        log.warning("question %s: no trained model; using %s label frequencies", question_id, source)
     if global_part is not None and (config.GLOBAL_WEIGHT > 0 or not parts):
-        parts.append((config.GLOBAL_WEIGHT, *global_part))
+        parts.append((config.GLOBAL_WEIGHT, *global_part[:2]))
+        used.append(global_part[2])
     if not parts:
-        return fallback_labels(rows, labels, frequencies, fill)
+        return (frequency_top_k(labels, frequencies, correctness_of(rows), config.CORRECTNESS_MASK, fill),
+                f"{source} label frequencies ({why})")
     if len(parts) == 1:  # the weight applies where both models exist
         parts = [(1.0, *parts[0][1:])]
     blend_labels, probs = blend_probabilities(parts)
-    return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+    how = used[0] if len(used) == 1 else f"{used[0]} + {used[1]}, global weight {config.GLOBAL_WEIGHT:g}"
+    return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill), how
+
+
+def models_used(name, models, folds):
+    return f"{name} ({models} of {folds} folds)" if models < folds else f"{name} ({folds} fold{'s' * (folds > 1)})"
 
 
 def global_probabilities(predictor, test_df):
-    """{QuestionId: (labels, probabilities of its rows)} from the global model, for the questions it trained on;
-    {} without a usable one."""
+    """{QuestionId: (labels, probabilities of its rows, how)} from the global model, for the questions it trained
+    on; {} without a usable one."""
     result = read_question_results([config.GLOBAL]).get(config.GLOBAL)
     if predictor is None or not result or result.get("status") != "succeeded":
         return {}
@@ -139,12 +150,13 @@ def global_probabilities(predictor, test_df):
     if rows.empty:
         return {}
     try:
-        labels, probs = predictor.probabilities(config.GLOBAL, rows, result)
+        labels, probs, models = predictor.probabilities(config.GLOBAL, rows, result)
     except Exception as error:
         log.warning("global model unusable (%s: %s); using the question models", type(error).__name__, error)
         return {}
+    how = models_used("global model", models, result.get("folds", 1))
     positions = rows.reset_index(drop=True).groupby("QuestionId").indices
-    return {int(question_id): (labels, probs[index]) for question_id, index in positions.items()}
+    return {int(question_id): (labels, probs[index], how) for question_id, index in positions.items()}
 
 
 def visible_devices():
@@ -162,7 +174,7 @@ def balance(groups, n_workers):
 
 
 def predict(test_df, devices=None):
-    """Top-3 label lists for every row of the test frame, in its order."""
+    """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds))."""
     results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
@@ -182,19 +194,23 @@ def predict(test_df, devices=None):
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
     global_parts = global_probabilities(predictors[0], test_df)
-    predictions = {}
+    predictions, done = {}, []
+    bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
 
     def run(worker):
         predictor, work = worker
         for question_id, rows in work:
-            ranked = predict_group(predictor, question_id, rows, results, global_parts.get(question_id))
-            for row_id, labels in zip(rows["row_id"], ranked):
-                predictions[row_id] = labels
+            started = time.time()
+            labels, how = predict_group(predictor, question_id, rows, results, global_parts.get(question_id))
+            predictions.update(zip(rows["row_id"], labels))
+            done.append((question_id, len(rows), how, time.time() - started))
+            bar.update(len(rows))
 
     workers = list(zip(predictors, balance(groups, len(devices))))
-    with ThreadPoolExecutor(len(workers)) as pool:
+    with logging_redirect_tqdm(), ThreadPoolExecutor(len(workers)) as pool:
         list(pool.map(run, workers))
-    return [predictions[row_id] for row_id in test_df["row_id"]]
+    bar.close()
+    return [predictions[row_id] for row_id in test_df["row_id"]], done
 
 
 def write_submission(path, row_ids, predictions):
@@ -222,14 +238,14 @@ def main(argv=None):
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
         started = time.time()
-        predictions = predict(test_df)
+        predictions, done = predict(test_df)
         seconds = time.time() - started
         write_submission(config.SUBMISSION_PATH, test_df["row_id"], predictions)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    log.info("wrote %s: %d rows, predicted in %.1f s (%.0f rows/s, model loading included)",
-             config.SUBMISSION_PATH, len(test_df), seconds, len(test_df) / max(seconds, 1e-9))
+    print(report.prediction_table(done, seconds), flush=True)
+    log.info("wrote %s: %d rows", config.SUBMISSION_PATH, len(test_df))
     return 0
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import multiprocessing
 import os
+import queue
 import resource
 import shutil
 import sys
@@ -27,9 +28,12 @@ import torch.nn.functional as F
 from peft import LoraConfig, TaskType
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import DataLoader
-from transformers import Trainer, TrainingArguments, set_seed
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 import config
+import report
 from data_collator import LengthGroupedBatches, build_data_collator
 from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
 from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, allowed_classes, attach_lora, attach_lora_from, correctness_of,
@@ -100,6 +104,22 @@ def fold_splits(rows, folds, seed):
     return [(np.sort(np.concatenate([train_idx, val_idx[singletons]])), val_idx[~singletons])]
 
 
+def label_prior_map3(data, splits):
+    """MAP@3 on the validation rows of ranking each row's question's labels by their training frequency: what a
+    model must beat."""
+    truth, ranked = [], []
+    question_of = data.rows["QuestionId"].to_numpy()
+    for train_idx, val_idx in splits:
+        for question_id in np.unique(question_of[val_idx]):
+            train_rows = train_idx[question_of[train_idx] == question_id]
+            val_rows = val_idx[question_of[val_idx] == question_id]
+            counts = np.bincount(data.train_labels[train_rows], minlength=len(data.classes))
+            labels, probs = data.probabilities(np.tile(np.log(counts + 1e-9), (len(val_rows), 1)), val_rows)
+            ranked += decode_top_k(probs, labels, [data.correct[i] for i in val_rows], config.CORRECTNESS_MASK)
+            truth += list(data.rows[TARGET_COLUMN].to_numpy()[val_rows])
+    return map_at_k(truth, ranked)
+
+
 def save_adapter(model, path):
     """Replace `path` by the model's adapter and head, never leaving a half-written directory."""
     staging = path + ".tmp"
@@ -146,9 +166,13 @@ class MapTrainer(Trainer):
 
     Every evaluation that beats the best MAP@3 so far rewrites `best_map3_dir`.
     """
+    progress = None  # the run's report.RunProgress (set by train_questions): a bar over steps, models counted
 
     def __init__(self, *args, data, val_idx, precision, best_map3_dir, **kwargs):
         super().__init__(*args, **kwargs)
+        self.remove_callback(PrinterCallback)  # evaluate() logs each evaluation once; the printed dicts repeated it
+        if self.progress is not None:
+            self.add_callback(report.StepBar(self.progress))
         self.data = data
         self.val_idx = val_idx
         self.precision = precision
@@ -365,7 +389,7 @@ def train_question(question_id, rows, backbone):
               "label_space": config.LABEL_SPACE, "seed": config.SEED, "scope": config.SCOPE}
     if len(classes) <= 1:
         message = f"Warning: Question {question_id} has only {len(classes)} class(es). Skipping..."
-        print(message, flush=True)
+        tqdm.write(message)  # print, without breaking a progress bar
         return {**result, "status": "skipped", "reason": message}
 
     question_classes = None
@@ -380,6 +404,7 @@ def train_question(question_id, rows, backbone):
              prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
     # Repeated texts never straddle a split, so resolving them over all rows equals resolving each training side.
     splits = [(train_idx[data.trainable[train_idx]], val_idx) for train_idx, val_idx in splits]
+    result["prior_map3"] = label_prior_map3(data, splits)
     folds = [None] if config.FOLDS == 1 else list(range(config.FOLDS))
     starts = [global_start(config.INIT_FROM, question_id, classes, fold) if config.INIT_FROM else None for fold in folds]
     if config.INIT_FROM:
@@ -464,21 +489,25 @@ def run_question(question_id, rows, backbone):
 
 
 def write_summary(question_ids):
-    """Merge the question results on disk into all_questions_summary.json and map3_by_question.png."""
+    """Merge the question results on disk into all_questions_summary.json and the summary pictures."""
     results = read_question_results(question_ids)
     succeeded = [r for r in results.values() if r["status"] == "succeeded"]
     val_rows = sum(r["val_rows"] for r in succeeded)
+    with_prior = [r for r in succeeded if r.get("prior_map3") is not None]  # results written before it was recorded lack it
+    prior_rows = sum(r["val_rows"] for r in with_prior)
     summary = {
         "questions": len(question_ids),
         "succeeded": len(succeeded),
         "failed": sum(r["status"] == "failed" for r in results.values()),
         "skipped": sum(r["status"] == "skipped" for r in results.values()),
         "missing": [q for q in question_ids if q not in results],
-        "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "val_rows", "seconds", "error")}
+        "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "prior_map3", "rows",
+                                                              "num_classes", "val_rows", "seconds", "error")}
                          for q, r in results.items()},
         # Row-weighted, so a question counts as much as its rows do in the competition's metric.
         "overall_best_map3": sum(r["best_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
         "overall_final_map3": sum(r["final_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
+        "overall_prior_map3": sum(r["prior_map3"] * r["val_rows"] for r in with_prior) / prior_rows if prior_rows else None,
         "val_rows": val_rows,
         "seconds": round(sum(r.get("seconds", 0) for r in results.values()), 2),
     }
@@ -487,31 +516,26 @@ def write_summary(question_ids):
         summary["global"] = {key: global_result.get(key) for key in (
             "status", "best_map3", "final_map3", "val_rows", "seconds", "error", "per_question_final_map3")}
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
-    if succeeded:
-        plot_summary(succeeded, summary["overall_best_map3"])
+    report.plot_summary(results, summary)
     return summary
 
 
-def plot_summary(succeeded, overall):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(10, 4))
-    axis.bar([str(r["question_id"]) for r in succeeded], [r["best_map3"] for r in succeeded], color="tab:blue")
-    axis.axhline(overall, color="tab:red", linestyle="--", label=f"overall {overall:.4f} (row-weighted)")
-    axis.set(xlabel="QuestionId", ylabel="validation MAP@3", ylim=(0, 1), title="Validation MAP@3 by question")
-    axis.tick_params(axis="x", rotation=45)
-    axis.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(os.path.join(config.get_summary_dir(), "map3_by_question.png"), dpi=100)
-    plt.close(figure)
+def models_to_train(df, question_id):
+    """Models a run fits for this question (or GLOBAL): none when its results are complete or it has one class,
+    else FOLDS."""
+    if not config.OVERWRITE and is_complete(question_id):
+        return 0
+    if question_id == config.GLOBAL:
+        return config.FOLDS
+    return config.FOLDS if df.loc[df["QuestionId"] == question_id, TARGET_COLUMN].nunique() > 1 else 0
 
 
-def train_questions(df, question_ids, device):
+def train_questions(df, question_ids, device, progress):
     """Train questions (or GLOBAL) one after the other in this process (question_ids may be a queue's iterator)."""
     backbone = None
+    MapTrainer.progress = progress
     for question_id in question_ids:
+        models = models_to_train(df, question_id)  # before training: it completes the question
         if not config.OVERWRITE and is_complete(question_id):
             log.info("%s: results complete, skipping (use --overwrite to retrain)", question_id)
             continue
@@ -522,10 +546,10 @@ def train_questions(df, question_ids, device):
         else:
             rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
         result = run_question(question_id, rows, backbone)
-        log.info("question %s: %s", question_id, {k: result.get(k) for k in ("status", "best_map3", "final_map3", "seconds", "error")})
+        progress.question_done(models, report.question_line(result))
 
 
-def worker(device, threads, settings, question_queue):
+def worker(device, threads, settings, question_queue, progress_queue):
     """A worker process: its own device and base model, questions from the shared queue until a None."""
     if device.startswith("cuda:"):
         os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]  # before CUDA starts in this process
@@ -534,23 +558,33 @@ def worker(device, threads, settings, question_queue):
     config.update(settings)
     setup_logging()
     df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
-    train_questions(df, iter(question_queue.get, None), device)
+    train_questions(df, iter(question_queue.get, None), device, report.QueuedProgress(progress_queue))
 
 
-def train_parallel(df, question_ids, devices):
-    """One worker process per device; questions handed out longest first so the workers finish together."""
+def train_parallel(df, question_ids, devices, progress):
+    """One worker process per device; questions handed out longest first so the workers finish together.
+
+    The workers report their progress to this process, which logs it.
+    """
     context = multiprocessing.get_context("spawn")
-    question_queue = context.Queue()
+    question_queue, progress_queue = context.Queue(), context.Queue()
     sizes = df["QuestionId"].value_counts()
     for question_id in sorted(question_ids, key=lambda q: -sizes[q]):
         question_queue.put(question_id)
     for _ in devices:
         question_queue.put(None)
     threads = max(1, (os.cpu_count() or 1) // len(devices))
-    workers = [context.Process(target=worker, args=(device, threads, config.snapshot(), question_queue)) for device in devices]
+    workers = [context.Process(target=worker, args=(device, threads, config.snapshot(), question_queue, progress_queue))
+               for device in devices]
     for process in workers:
         process.start()
     try:
+        while any(process.is_alive() for process in workers) or not progress_queue.empty():
+            try:
+                method, *args = progress_queue.get(timeout=1)
+            except queue.Empty:
+                continue
+            getattr(progress, method)(*args)
         for process in workers:
             process.join()
     except KeyboardInterrupt:
@@ -627,18 +661,22 @@ def main(argv=None):
             devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
             for device in devices:  # a bad --precision stops here, not inside the workers
                 resolve_precision(config.PRECISION, device)
-            log.info("training %s on %s", "the global model" if config.SCOPE == "global" else f"{len(question_ids)} questions",
-                     ", ".join(devices))
-            if len(devices) == 1:
-                train_questions(df, question_ids, devices[0])
-            else:
-                train_parallel(df, question_ids, devices)
+            total = sum(models_to_train(df, question_id) for question_id in question_ids)
+            log.info("training %s (%d models) on %s", "the global model" if config.SCOPE == "global"
+                     else f"{len(question_ids)} questions", total, ", ".join(devices))
+            # Bars on a terminal, for one process only: workers' bars would overwrite each other.
+            progress = report.RunProgress(total, bars=len(devices) == 1)
+            with logging_redirect_tqdm():  # log lines printed above the bars, not through them
+                if len(devices) == 1:
+                    train_questions(df, question_ids, devices[0], progress)
+                else:
+                    train_parallel(df, question_ids, devices, progress)
+            progress.close()
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = write_summary(config.QUESTION_IDS)
-    log.info("summary: %d succeeded, %d failed, %d skipped, %d missing; overall validation MAP@3 %s",
-             summary["succeeded"], summary["failed"], summary["skipped"], len(summary["missing"]), summary["overall_best_map3"])
+    print(report.training_table(summary), flush=True)
     if config.SUMMARIZE_ONLY:
         return 0
     return 1 if any(summary["per_question"].get(str(q), {}).get("status") == "failed" for q in question_ids) else 0

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -29,6 +30,11 @@ LABEL_COLUMNS = ["Category", "Misconception"]
 TARGET_COLUMN = "Category:Misconception"
 HEAD_NAMES = ("score", "classifier")
 
+# peft's get_peft_model reads transformers 5's deprecated `is_gradient_checkpointing` at every attach_lora; harmless,
+# and nothing we can change.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning,
+                        module="transformers.modeling_utils")
+
 
 class InputError(Exception):
     """A problem with the user's files or settings: reported as one line, without a traceback."""
@@ -37,6 +43,7 @@ class InputError(Exception):
 def setup_logging(log_file=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # weight loading/saving bars: ours show the run's progress
     if log_file:
         os.makedirs(os.path.dirname(log_file), exist_ok=True)
         handler = logging.FileHandler(log_file)
@@ -224,6 +231,13 @@ def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
         labels += [label for label in fill_labels if label not in labels][: k - len(labels)]
         decoded.append(labels)
     return decoded
+
+
+def frequency_top_k(labels, frequencies, correct, mask, fill_labels=()):
+    """Top-k labels per row from label frequencies alone (the label prior), under the same correctness mask."""
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    probs = np.tile(frequencies / max(frequencies.sum(), 1), (len(correct), 1))
+    return decode_top_k(probs, labels, correct, mask, fill_labels)
 
 
 # ---------------------------------------------------------------- models

@@ -125,15 +125,16 @@ def test_blend_is_the_weighted_mean_of_its_parts(both_scopes, tiny_model, test_c
     tokenizer = load_tokenizer(tiny_model)
     predictor = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
     question_result = results(both_scopes["output_dir"], 33471)
-    own_labels, own = predictor.probabilities(33471, rows, question_result)
+    own_labels, own, _ = predictor.probabilities(33471, rows, question_result)
     global_part = submit.global_probabilities(predictor, test)[33471]
-    labels, blended = blend_probabilities([(0.7, own_labels, own), (0.3, *global_part)])
+    labels, blended = blend_probabilities([(0.7, own_labels, own), (0.3, *global_part[:2])])
     for label in labels:
         expected = (0.7 * own[:, own_labels.index(label)] if label in own_labels else 0) + (
             0.3 * global_part[1][:, global_part[0].index(label)] if label in global_part[0] else 0)
         np.testing.assert_allclose(blended[:, labels.index(label)], expected, atol=1e-12)
     assert not np.allclose(own, global_part[1][:, [global_part[0].index(label) for label in own_labels]], atol=1e-3)
-    ranked = submit.predict_group(predictor, 33471, rows, {33471: question_result}, global_part)
+    ranked, how = submit.predict_group(predictor, 33471, rows, {33471: question_result}, global_part)
+    assert how == "model (2 folds) + global model (2 folds), global weight 0.3"
     top = np.argsort(-(blended + 2.0 * np.array([[label.startswith("True_") == verdict for label in labels]
                                                   for verdict in correctness_of(rows)])), axis=1, kind="stable")[:, :3]
     assert ranked == [[labels[i] for i in row] for row in top]

@@ -60,9 +60,9 @@ def test_swapped_adapters_predict_as_each_adapter_alone(trained, tiny_model, tes
     results = read_question_results(TRAINED)
     for question_id in TRAINED + TRAINED[::-1]:
         rows = test[test["QuestionId"] == question_id]
-        labels, swapped = shared.probabilities(question_id, rows, results[question_id])
+        labels, swapped, _ = shared.probabilities(question_id, rows, results[question_id])
         alone = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
-        alone_labels, alone_probs = alone.probabilities(question_id, rows, results[question_id])
+        alone_labels, alone_probs, _ = alone.probabilities(question_id, rows, results[question_id])
         assert labels == alone_labels == results[question_id]["classes"]
         np.testing.assert_allclose(swapped, alone_probs, atol=1e-6)
 
@@ -153,7 +153,7 @@ def test_broken_adapter_falls_back_to_label_frequencies(trained, tiny_model, tes
     assert written.loc[other].equals(reference.loc[other])
 
 
-def test_unseen_question_and_single_class_question(trained, tiny_model, tmp_path, caplog):
+def test_unseen_question_and_single_class_question(trained, tiny_model, tmp_path, caplog, capsys):
     test = pd.DataFrame({"row_id": ["a", "b", "c"], "QuestionId": [999, SINGLE_CLASS_QUESTION, 999],
                          "QuestionText": "q", "MC_Answer": ["x", "Likely", "y"], "StudentExplanation": ["e", "f", ""]})
     test_path = tmp_path / "test.csv"
@@ -166,13 +166,17 @@ def test_unseen_question_and_single_class_question(trained, tiny_model, tmp_path
     assert labels[1][0] == "True_Correct:NA" and len(set(labels[1])) == 3
     assert labels[0] == labels[2] and labels[0][0] == "True_Correct:NA" and len(set(labels[0])) == 3
     assert "question 999: no trained model; using global label frequencies" in caplog.text
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["question", "rows", "predicted", "by", "seconds"]
+    assert table[1].split()[:-1] == [str(SINGLE_CLASS_QUESTION), "1", "its", "label", "frequencies", "(one", "class", "in", "training)"]
+    assert table[2].split()[:-1] == ["999", "2", "global", "label", "frequencies", "(never", "trained)"]
 
 
 def test_two_devices_predict_the_same_as_one(trained, tiny_model, test_csv):
     config.update({"OUTPUT_DIR": trained["output_dir"], "MODEL_NAME": tiny_model})
     test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
     test["QuestionId"] = test["QuestionId"].astype(int)
-    assert submit.predict(test, ["cpu", "cpu"]) == submit.predict(test, ["cpu"])
+    assert submit.predict(test, ["cpu", "cpu"])[0] == submit.predict(test, ["cpu"])[0]
 
 
 def test_balance_spreads_rows_evenly():

@@ -58,7 +58,8 @@ def test_skip_warning_is_printed(tiny_model, train_csv, tmp_path, capsys):
 
 
 def test_validation_map3_beats_the_label_prior(trained, train_csv):
-    """The prior predicts each question's training label frequencies (with the same correctness mask)."""
+    """The prior predicts each question's training label frequencies (with the same correctness mask, ties in label
+    order); train.py records its score per question."""
     df = read_competition_csv(train_csv, labelled=True)
     model_scores, prior_scores, weights = [], [], []
     for question_id in questions:
@@ -66,11 +67,12 @@ def test_validation_map3_beats_the_label_prior(trained, train_csv):
             continue
         rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
         train_idx, val_idx = train.fold_splits(rows, 1, config.SEED)[0]
-        counts = rows.loc[train_idx, "Category:Misconception"].value_counts()
+        counts = rows.loc[train_idx, "Category:Misconception"].value_counts().sort_index().sort_values(ascending=False, kind="stable")
         val = rows.loc[val_idx]
         prior = decode_top_k(np.tile(counts.to_numpy(float), (len(val), 1)), counts.index, correctness_of(val), True)
         prior_scores.append(map_at_k(val["Category:Misconception"].tolist(), prior))
         model_scores.append(results(trained["output_dir"], question_id)["best_map3"])
+        assert results(trained["output_dir"], question_id)["prior_map3"] == pytest.approx(prior_scores[-1]), question_id
         weights.append(len(val))
     model, prior = np.average(model_scores, weights=weights), np.average(prior_scores, weights=weights)
     assert model > prior + 0.1, (model, prior)

@@ -1,0 +1,271 @@
+"""What a person sees of a run: progress, one line per question, the final tables and the summary pictures.
+
+Progress bars are drawn on a terminal only; with output to a file, or from worker processes, the same facts
+come as plain log lines.
+"""
+import math
+import os
+import time
+
+import numpy as np
+from tqdm import tqdm
+from transformers import TrainerCallback
+
+import config
+from utils import log, read_json
+
+
+def seconds_text(seconds):
+    return tqdm.format_interval(seconds)
+
+
+def score_text(value):
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------- progress
+
+class RunProgress:
+    """Models trained out of the models to train, with elapsed and remaining time.
+
+    With `bars` and a terminal: a bar over the run, and one over each model's steps (StepBar). Otherwise the
+    figures are appended to each question's line.
+    """
+
+    def __init__(self, total, bars=True):
+        self.total = total
+        self.done = 0
+        self.trained = 0  # models of the current question
+        self.started = time.time()
+        self.bar = tqdm(total=total, unit="model", desc="training", dynamic_ncols=True, disable=None if bars else True)
+        self.bars = not self.bar.disable
+
+    def model_done(self):
+        self.trained += 1
+        self.advance(1)
+
+    def question_done(self, models, line):
+        """Log a question's line; all its `models` count as done, also those a failure left untrained."""
+        untrained, self.trained = models - self.trained, 0
+        self.finish(untrained, line)
+
+    def advance(self, models):
+        self.done += models
+        self.bar.update(models)
+
+    def finish(self, untrained, line):
+        self.advance(untrained)
+        if self.bars:
+            log.info(line)
+            return
+        elapsed = time.time() - self.started
+        left = f"about {seconds_text(elapsed / self.done * (self.total - self.done))} left" if self.done else "time left unknown"
+        log.info("%s [%d/%d models, %s elapsed, %s]", line, self.done, self.total, seconds_text(elapsed), left)
+
+    def close(self):
+        self.bar.close()
+
+
+class QueuedProgress(RunProgress):
+    """A worker process's progress: it sends its steps to the main process's RunProgress through a queue."""
+    bars = False
+
+    def __init__(self, queue):
+        self.queue = queue
+        self.trained = 0
+
+    def advance(self, models):
+        self.queue.put(("advance", models))
+
+    def finish(self, untrained, line):
+        self.queue.put(("finish", untrained, line))
+
+
+class StepBar(TrainerCallback):
+    """One model's bar over its optimizer steps (terminal only); the model counts as done when training ends."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.bar = tqdm(total=state.max_steps, unit="step", desc="steps", leave=False, dynamic_ncols=True,
+                        disable=not self.progress.bars)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.bar.update(1)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.bar.close()
+        self.progress.model_done()
+
+
+# ---------------------------------------------------------------- lines and tables
+
+def question_line(result):
+    question_id, status = result["question_id"], result["status"]
+    if status == "succeeded":
+        return (f"question {question_id} succeeded: MAP@3 best {score_text(result['best_map3'])}, final "
+                f"{score_text(result['final_map3'])}, label prior {score_text(result.get('prior_map3'))}; "
+                f"{result.get('seconds', 0):.1f} s")
+    if status == "skipped":
+        return f"question {question_id} skipped: {result.get('num_classes', 1)} class"
+    return f"question {question_id} failed: {result.get('error')} (traceback in question_{question_id}/logs/train.log)"
+
+
+def text_table(header, rows, left=()):
+    """Rows of strings as aligned columns: the columns named in `left` aligned left, the others right."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(str(cell).ljust(width) if name in left else str(cell).rjust(width)
+                               for name, cell, width in zip(header, line, widths)).rstrip()
+                     for line in [header, *rows])
+
+
+def training_table(summary):
+    """Per question: rows, classes, MAP@3 (best, final, label prior), seconds, status; then the overall figures."""
+    header = ["question", "rows", "classes", "best MAP@3", "final MAP@3", "label prior", "seconds", "status"]
+    rows = [[question_id, entry.get("rows") or "-", entry.get("num_classes") or "-", score_text(entry.get("best_map3")),
+             score_text(entry.get("final_map3")), score_text(entry.get("prior_map3")), f"{entry.get('seconds') or 0:.1f}",
+             entry["status"]]
+            for question_id, entry in summary["per_question"].items()]
+    # A question without its own model may be covered by the global model: its final MAP@3 there.
+    by_global = (summary.get("global") or {}).get("per_question_final_map3") or {}
+    rows += [[question_id, "-", "-", "-", score_text(by_global.get(str(question_id))), "-", "-",
+              "global model" if str(question_id) in by_global else "missing"] for question_id in summary["missing"]]
+    lines = [text_table(header, rows, left=["status"])]
+    if summary.get("global"):
+        entry = summary["global"]
+        lines.append(f"global model {entry['status']}: MAP@3 best {score_text(entry.get('best_map3'))}, final "
+                     f"{score_text(entry.get('final_map3'))} over {entry.get('val_rows')} validation rows; "
+                     f"{seconds_text(entry.get('seconds') or 0)} of training")
+    lines += [f"question {q} failed: {entry['error']}" for q, entry in summary["per_question"].items() if entry["status"] == "failed"]
+    lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 best {score_text(summary['overall_best_map3'])}, "
+                 f"final {score_text(summary['overall_final_map3'])}, label prior {score_text(summary.get('overall_prior_map3'))}; "
+                 f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped, "
+                 f"{len(summary['missing'])} missing; {seconds_text(summary['seconds'])} of training")
+    return "\n".join(lines)
+
+
+def prediction_table(groups, seconds):
+    """submit.py's closing table: per question (id, rows, how predicted, seconds), then the total."""
+    rows = [[question_id, n_rows, how, f"{spent:.1f}"] for question_id, n_rows, how, spent in sorted(groups)]
+    total = sum(group[1] for group in groups)
+    return (text_table(["question", "rows", "predicted by", "seconds"], rows, left=["predicted by"])
+            + f"\n{total} rows in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} rows/s, model loading included)")
+
+
+# ---------------------------------------------------------------- pictures
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_map3_by_question(results, summary, path):
+    """Bars of validation MAP@3 per trained question, best at the top, each with its label prior's score
+    beside it; the axis starts near the lowest score so that 0.93 and 0.98 look different. Returns the figure."""
+    plt = pyplot()
+    from matplotlib.ticker import MultipleLocator
+
+    trained = sorted((r for r in results.values() if r["status"] == "succeeded"), key=lambda r: r["best_map3"])
+    model = np.array([r["best_map3"] for r in trained])
+    prior = np.array([np.nan if r.get("prior_map3") is None else r["prior_map3"] for r in trained])
+    left = max(0.0, math.floor((np.nanmin(np.concatenate([model, prior])) - 0.03) * 20) / 20)
+    y = np.arange(len(trained))
+    figure, axis = plt.subplots(figsize=(7, 1.6 + 0.38 * len(trained)))
+    bars = axis.barh(y + 0.2, model, height=0.4, color="tab:blue", label="model (best checkpoint)")
+    prior_bars = axis.barh(y - 0.2, prior, height=0.4, color="0.8", label="label prior (labels ranked by training frequency)")
+    axis.bar_label(bars, fmt="%.3f", padding=-30, fontsize=8, color="white")  # inside the bar, clear of the lines
+    axis.bar_label(prior_bars, fmt="%.3f", padding=2, fontsize=7, color="0.35",
+                   bbox=dict(facecolor="white", edgecolor="none", pad=0.3))
+    overall, overall_prior = summary["overall_best_map3"], summary.get("overall_prior_map3")
+    axis.axvline(overall, color="tab:red", linestyle="--", linewidth=1, label=f"overall {overall:.4f} (row-weighted)")
+    if overall_prior is not None:
+        axis.axvline(overall_prior, color="0.4", linestyle=":", linewidth=1, label=f"overall label prior {overall_prior:.4f}")
+    axis.set_yticks(y, [str(r["question_id"]) for r in trained])
+    axis.set_xlim(left, 1.0)
+    axis.xaxis.set_major_locator(MultipleLocator(0.05 if 1 - left <= 0.3 else 0.1))
+    axis.set_ylim(-0.6, len(trained) - 0.4)
+    scored = "out-of-fold" if trained[0].get("folds", 1) > 1 else "validation"
+    axis.set_xlabel(f"{scored} MAP@3 (the axis starts at {left:.2f})")
+    axis.set_ylabel("QuestionId")
+    axis.set_title(f"{scored.capitalize()} MAP@3 by question", pad=44)
+    axis.grid(axis="x", alpha=0.3)
+    axis.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+    plt.close(figure)
+    return figure
+
+
+def evaluations(question_id, result):
+    """Per fold (one without --folds): the steps, validation MAP@3 and loss of its evaluations."""
+    folds = result.get("folds", 1)
+    names = ["log_history.json"] if folds == 1 else [f"log_history_fold_{fold}.json" for fold in range(folds)]
+    curves = []
+    for name in names:
+        path = os.path.join(config.get_question_log_dir(question_id), name)
+        entries = [entry for entry in read_json(path) if "eval_map3" in entry] if os.path.isfile(path) else []
+        curves.append(([e["step"] for e in entries], [e["eval_map3"] for e in entries], [e["eval_loss"] for e in entries]))
+    return curves
+
+
+def plot_learning_curves(results, path, columns=5):
+    """Small multiples, one panel per trained question: validation MAP@3 (solid, left axis) and loss (dashed,
+    right axis) against the step, one colour per fold, the label prior dotted. Returns the figure."""
+    plt = pyplot()
+    from matplotlib.lines import Line2D
+
+    trained = [r for r in results.values() if r["status"] == "succeeded"]
+    curves = {r["question_id"]: evaluations(r["question_id"], r) for r in trained}
+    scores = [score for folds in curves.values() for _, map3, _ in folds for score in map3]
+    scores += [r["prior_map3"] for r in trained if r.get("prior_map3") is not None]
+    low = math.floor(min(scores, default=0) * 10) / 10
+    columns = min(columns, len(trained))
+    rows = math.ceil(len(trained) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 1.9 * rows), squeeze=False)
+    for axis, result in zip(axes.flat, trained):
+        loss_axis = axis.twinx()
+        for fold, (steps, map3, loss) in enumerate(curves[result["question_id"]]):
+            axis.plot(steps, map3, color=f"C{fold}", linewidth=1.3)
+            if map3:
+                best = int(np.argmax(map3))
+                axis.plot(steps[best], map3[best], "o", color=f"C{fold}", markersize=3.5)
+            loss_axis.plot(steps, loss, color=f"C{fold}", linewidth=0.9, linestyle="--", alpha=0.7)
+        if result.get("prior_map3") is not None:
+            axis.axhline(result["prior_map3"], color="0.4", linestyle=":", linewidth=1)
+        axis.set_title(f"{result['question_id']}: best {result['best_map3']:.3f}", fontsize=9)
+        axis.set_ylim(low, 1.005)
+        axis.tick_params(labelsize=7)
+        loss_axis.tick_params(labelsize=7, colors="0.4")
+        loss_axis.set_ylim(bottom=0)
+    for axis in axes.flat[len(trained):]:
+        axis.remove()
+    for axis in axes[:, 0]:
+        axis.set_ylabel("MAP@3", fontsize=8)
+    folds = max((len(folds) for folds in curves.values()), default=1)
+    handles = [Line2D([], [], color="0.2", label="validation MAP@3 (left axis)"),
+               Line2D([], [], color="0.2", linestyle="--", label="validation loss (right axis)"),
+               Line2D([], [], color="0.2", marker="o", markersize=3.5, linestyle="", label="best (saved as best_map3/)"),
+               Line2D([], [], color="0.4", linestyle=":", label="label prior MAP@3")]
+    if folds > 1:
+        handles += [Line2D([], [], color=f"C{fold}", label=f"fold {fold}") for fold in range(folds)]
+    per_row = max(2, min(len(handles), int(2.6 * columns / 1.9)))  # legend entries are about 1.9 inches wide
+    legend_rows = math.ceil(len(handles) / per_row)
+    figure.set_figheight(1.9 * rows + 0.3 + 0.22 * legend_rows)
+    figure.legend(handles=handles, loc="upper center", ncol=per_row, fontsize=8, frameon=False)
+    figure.supxlabel("training step", fontsize=9)
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.22 * legend_rows / figure.get_figheight()))
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return figure
+
+
+def plot_summary(results, summary):
+    """summary/map3_by_question.png and summary/learning_curves.png from the question results."""
+    if not any(r["status"] == "succeeded" for r in results.values()):
+        return
+    plot_map3_by_question(results, summary, os.path.join(config.get_summary_dir(), "map3_by_question.png"))
+    plot_learning_curves(results, os.path.join(config.get_summary_dir(), "learning_curves.png"))
