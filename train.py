@@ -407,7 +407,8 @@ def train_questions(df, question_ids, device):
 def worker(device, threads, settings, question_queue):
     """A worker process: its own device and base model, questions from the shared queue until a None."""
     if device.startswith("cuda:"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]  # before CUDA starts in this process
+        # Before CUDA starts in this process: the worker sees its one GPU only (no DataParallel over the others).
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(int(device.split(":")[1]))
         device = "cuda"
     torch.set_num_threads(threads)
     config.update(settings)
@@ -446,9 +447,20 @@ def train_parallel(df, question_ids, devices):
                 "error": f"worker process exited with code {crashed[0]} before finishing this question"})
 
 
+def physical_gpu(index):
+    """The CUDA_VISIBLE_DEVICES entry for visible GPU `index`, mapped through the list a scheduler may have set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
 def training_devices():
-    """Devices to train on: the GPUs asked for (all visible by default), else the CPU, WORKERS times."""
-    gpus = list(range(torch.cuda.device_count())) if config.GPUS == "all" else [int(g) for g in config.GPUS.split(",") if g]
+    """Devices to train on: the GPUs asked for (indices among the visible ones, all by default), else the CPU,
+    WORKERS times."""
+    visible = torch.cuda.device_count()
+    gpus = list(range(visible)) if config.GPUS == "all" else [int(g) for g in config.GPUS.split(",") if g]
+    unknown = [gpu for gpu in gpus if not 0 <= gpu < visible]
+    if unknown:
+        raise InputError(f"--gpus {config.GPUS}: GPU {unknown[0]} is not among the {visible} visible GPU(s)")
     devices = [f"cuda:{gpu}" for gpu in gpus] or ["cpu"]
     if config.WORKERS:
         devices = [devices[i % len(devices)] for i in range(config.WORKERS)]
@@ -489,8 +501,8 @@ def main(argv=None):
             for device in devices:  # a bad --precision stops here, not inside the workers
                 resolve_precision(config.PRECISION, device)
             log.info("training %d questions on %s", len(question_ids), ", ".join(devices))
-            if len(devices) == 1:
-                train_questions(df, question_ids, devices[0])
+            if devices == ["cpu"]:
+                train_questions(df, question_ids, "cpu")
             else:
                 train_parallel(df, question_ids, devices)
     except InputError as error:

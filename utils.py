@@ -161,16 +161,31 @@ def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
 
 # ---------------------------------------------------------------- models
 
+# Tensor cores compute bf16 from compute capability 8.0 (A100) on; torch.cuda.is_bf16_supported() also counts
+# the slow emulation that T4 (7.5) and V100 (7.0) offer.
+BF16_COMPUTE_CAPABILITY = (8, 0)
+
+
+def native_bf16(device):
+    """Whether this CUDA device (not the current one) computes bf16 natively."""
+    return torch.cuda.get_device_capability(device) >= BF16_COMPUTE_CAPABILITY
+
+
+def describe_gpu(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+
+
 def resolve_precision(setting, device):
-    """bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU; an explicit setting wins."""
+    """bf16 on GPUs with native bf16, fp16 on older GPUs (T4, V100), fp32 on CPU; an explicit setting wins."""
     device = torch.device(device)
     if setting != "auto":
-        if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+        if setting == "bf16" and device.type == "cuda" and not native_bf16(device):
+            raise InputError(f"--precision bf16: {describe_gpu(device)} has no native bf16 (needs 8.0); use fp16")
         return setting
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -97,3 +97,14 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
     write_json_atomic(str(path), {"b": 2})
     assert json.loads(path.read_text()) == {"b": 2}
     assert os.listdir(path.parent) == ["x.json"]
+
+
+def test_precision_follows_compute_capability_of_the_device_in_hand(fake_gpus):
+    from utils import resolve_precision
+    fake_gpus({"NVIDIA A100": (8, 0), "Tesla T4": (7, 5)})  # the current device is the A100
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("auto", "cuda:1") == "fp16"  # emulated bf16 does not count
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cuda:0") == "bf16"
+    with pytest.raises(InputError, match=r"Tesla T4, compute capability 7\.5 has no native bf16"):
+        resolve_precision("bf16", "cuda:1")
