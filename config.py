@@ -60,6 +60,7 @@ SUMMARIZE_ONLY = False
 CHECKPOINT = "best_map3"
 CORRECTNESS_MASK = True
 MERGE_LORA = True
+ALLOW_FALLBACK = False
 
 # Experiment tracking
 USE_WANDB = False
@@ -113,6 +114,8 @@ HELP = {
     "CHECKPOINT": "adapter to load: best_map3 (best validation MAP@3) or best (final)",
     "CORRECTNESS_MASK": "rank labels whose True_/False_ prefix matches the chosen answer's correctness first",
     "MERGE_LORA": "fold LoRA into the base weights while predicting a question (the base is restored exactly)",
+    "ALLOW_FALLBACK": "exit 0 even when a question with a trained model (or without training results) was predicted "
+                      "by label frequencies",
     "USE_WANDB": "log each question as a wandb run (one group per output dir)",
     "WANDB_PROJECT": "wandb project name",
     "DEMO": "run on generated data with a tiny random Qwen3 (no downloads needed)",
@@ -159,6 +162,7 @@ FLAGS = {
     "CHECKPOINT": "--checkpoint",
     "CORRECTNESS_MASK": "--correctness-mask",
     "MERGE_LORA": "--merge-lora",
+    "ALLOW_FALLBACK": "--allow-fallback",
     "USE_WANDB": "--wandb",
     "WANDB_PROJECT": "--wandb-project",
     "DEMO": "--demo",

@@ -1,7 +1,9 @@
 """Write submission.csv from the adapters train.py saved: offline, every row, never a crash.
 
 The base model is loaded once per process; each question's adapter and head are attached to it in turn.
-A question without a usable model falls back to its training label frequencies, with a warning.
+A question without a usable model falls back to its training label frequencies, with a warning. The last
+line counts the questions predicted by their model and by label frequencies; the exit code is 1 (after the
+file is written) when a question that should have had a model fell back, unless --allow-fallback.
 
     python submit.py --test-data test.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
@@ -26,7 +28,8 @@ from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, correctness_o
 
 SETTINGS = [
     "MODEL_NAME", "TEST_DATA_PATH", "OUTPUT_DIR", "SUBMISSION_PATH", "CHECKPOINT", "EVAL_BATCH_SIZE",
-    "QUESTION_IDS", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "DEMO", "DEMO_OUTPUT_DIR",
+    "QUESTION_IDS", "CORRECTNESS_MASK", "MERGE_LORA", "PRECISION", "PAD_TO_MULTIPLE_OF", "ALLOW_FALLBACK", "DEMO",
+    "DEMO_OUTPUT_DIR",
 ]
 # The last resort when no training results exist at all: still three distinct, plausible labels.
 LAST_RESORT_LABELS = ["True_Correct:NA", "False_Neither:NA", "True_Neither:NA", "False_Correct:NA"]
@@ -68,7 +71,7 @@ class Predictor:
 
     def fold_probabilities(self, question_id, rows, result):
         """(classes, probabilities of each usable fold model of the question); raises when none can be used."""
-        classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
+        classes = question_classes(question_id, result)
         input_ids, _ = encode_prompts(rows, self.tokenizer, result.get("prompt_version", config.PROMPT_VERSION),
                                       result.get("max_len", config.MAX_LEN))
         folds = result.get("folds", 1)
@@ -92,8 +95,30 @@ class Predictor:
         return classes, probs
 
 
+def question_classes(question_id, result):
+    """The question's classes from its label encoder, else (an older scikit-learn cannot unpickle it) its results."""
+    path = config.get_question_label_encoder_path(question_id)
+    recorded = result.get("classes")
+    try:
+        classes = list(joblib.load(path).classes_)
+    except Exception as error:
+        if not recorded:
+            raise
+        log.warning("question %s: %s unreadable (%s: %s); using the classes in its results", question_id, path,
+                    type(error).__name__, error)
+        return recorded
+    if recorded is not None and classes != recorded:
+        raise ValueError(f"{path}: classes differ from those in {config.get_question_results_path(question_id)}")
+    return classes
+
+
+# Why a question was predicted by label frequencies; these two mean that a model was expected.
+MODEL_UNUSABLE = "model unusable"
+NO_RESULTS = "no training results"
+
+
 def predict_group(predictor, question_id, rows, results):
-    """A question's predictions, falling back to label frequencies when its model is unusable.
+    """(a question's predictions, None or why they come from label frequencies instead of its model).
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -101,15 +126,23 @@ def predict_group(predictor, question_id, rows, results):
     global_labels, _ = frequency_table(results, None)
     fill = list(dict.fromkeys(labels + global_labels + LAST_RESORT_LABELS))
     status = results.get(question_id, {}).get("status")
-    if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS:
+    wanted = question_id in config.QUESTION_IDS
+    if status == "succeeded" and wanted:
         try:
-            return predictor.predict(question_id, rows, results[question_id], fill)
+            return predictor.predict(question_id, rows, results[question_id], fill), None
         except Exception as error:
             log.warning("question %s: model unusable (%s: %s); using its label frequencies", question_id, type(error).__name__, error)
-    elif status != "skipped":
-        log.warning("question %s: no trained model; using %s label frequencies", question_id,
-                    "its" if question_id in results else "global")
-    return fallback_labels(rows, labels, frequencies, fill)
+            return fallback_labels(rows, labels, frequencies, fill), MODEL_UNUSABLE
+    if status == "skipped":
+        return fallback_labels(rows, labels, frequencies, fill), "one class in training"
+    if status == "succeeded":
+        reason = "not in --questions"
+    elif status == "failed":
+        reason = "training failed"
+    else:
+        reason = NO_RESULTS if wanted else "never trained"
+    log.warning("question %s: %s; using %s label frequencies", question_id, reason, "its" if question_id in results else "global")
+    return fallback_labels(rows, labels, frequencies, fill), reason
 
 
 def visible_devices():
@@ -127,7 +160,7 @@ def balance(groups, n_workers):
 
 
 def predict(test_df, devices=None):
-    """Top-3 label lists for every row of the test frame, in its order."""
+    """(top-3 label lists for every row of the test frame, in its order; {question: None or why by frequencies})."""
     results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
@@ -142,18 +175,32 @@ def predict(test_df, devices=None):
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
-    predictions = {}
+    predictions, fallbacks = {}, {}
 
     def run(worker):
         predictor, work = worker
         for question_id, rows in work:
-            for row_id, labels in zip(rows["row_id"], predict_group(predictor, question_id, rows, results)):
-                predictions[row_id] = labels
+            labels, fallbacks[question_id] = predict_group(predictor, question_id, rows, results)
+            predictions.update(zip(rows["row_id"], labels))
 
     workers = list(zip(predictors, balance(groups, len(devices))))
     with ThreadPoolExecutor(len(workers)) as pool:
         list(pool.map(run, workers))
-    return [predictions[row_id] for row_id in test_df["row_id"]]
+    return [predictions[row_id] for row_id in test_df["row_id"]], fallbacks
+
+
+def fallback_report(fallbacks):
+    """The closing line, and the questions that should have been predicted by their model but were not."""
+    by_reason = {}
+    for question_id, reason in sorted(fallbacks.items()):
+        if reason:
+            by_reason.setdefault(reason, []).append(str(question_id))
+    reasons = "; ".join(f"{reason}: {', '.join(ids)}" for reason, ids in by_reason.items())
+    by_frequencies = sum(len(ids) for ids in by_reason.values())
+    line = (f"{len(fallbacks) - by_frequencies} of {len(fallbacks)} questions predicted by their model; "
+            f"{by_frequencies} by label frequencies" + (f" ({reasons})" if reasons else ""))
+    unexpected = [int(q) for reason in (MODEL_UNUSABLE, NO_RESULTS) for q in by_reason.get(reason, [])]
+    return line, sorted(unexpected)
 
 
 def write_submission(path, row_ids, predictions):
@@ -181,7 +228,7 @@ def main(argv=None):
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
         started = time.time()
-        predictions = predict(test_df)
+        predictions, fallbacks = predict(test_df)
         seconds = time.time() - started
         write_submission(config.SUBMISSION_PATH, test_df["row_id"], predictions)
     except InputError as error:
@@ -189,7 +236,12 @@ def main(argv=None):
         return 2
     log.info("wrote %s: %d rows, predicted in %.1f s (%.0f rows/s, model loading included)",
              config.SUBMISSION_PATH, len(test_df), seconds, len(test_df) / max(seconds, 1e-9))
-    return 0
+    line, unexpected = fallback_report(fallbacks)
+    if unexpected and not config.ALLOW_FALLBACK:
+        log.error("question(s) %s should have been predicted by their model (see the warnings above); the file is "
+                  "complete, exit code 1 (--allow-fallback accepts this)", ", ".join(map(str, unexpected)))
+    print(line, flush=True)
+    return 1 if unexpected and not config.ALLOW_FALLBACK else 0
 
 
 if __name__ == "__main__":

@@ -237,22 +237,52 @@ def replace_head(model, num_labels):
     return name
 
 
+class NonFiniteLogits(ValueError):
+    """The model gives NaN or infinite logits even in fp32: its predictions are meaningless."""
+
+
+@contextlib.contextmanager
+def in_fp32(model):
+    """Run the model in fp32 inside; its own tensors (fp16/bf16 base, fp32 LoRA) are put back exactly after."""
+    tensors = [tensor for tensor in [*model.parameters(), *model.buffers()] if tensor.is_floating_point() and tensor.dtype != torch.float32]
+    originals = [tensor.data for tensor in tensors]
+    for tensor in tensors:
+        tensor.data = tensor.data.float()
+    try:
+        yield model
+    finally:
+        for tensor, data in zip(tensors, originals):
+            tensor.data = data
+
+
 @torch.inference_mode()
 def predict_logits(model, input_ids, collator, batch_size, precision):
-    """Logits for each row (in input order), batches built from rows sorted by length to minimise padding."""
+    """Logits for each row (in input order), batches built from rows sorted by length to minimise padding.
+
+    A batch with non-finite logits (an fp16 overflow) is recomputed in fp32; still non-finite raises
+    NonFiniteLogits.
+    """
     device = next(model.parameters()).device
     order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
     was_training = model.training
     model.eval()
     outputs = np.zeros((len(input_ids), model.config.num_labels), dtype=np.float32)
     autocast = torch.autocast(device.type, dtype=TORCH_DTYPES[precision], enabled=precision != "fp32")
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = collator([{"input_ids": input_ids[i]} for i in rows]).to(device)
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        outputs[rows] = logits.float().cpu().numpy()
-    model.train(was_training)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = collator([{"input_ids": input_ids[i]} for i in rows]).to(device)
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            if not torch.isfinite(logits).all():
+                with in_fp32(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                if not torch.isfinite(logits).all():
+                    raise NonFiniteLogits(f"non-finite logits for {len(rows)} rows even in fp32")
+                log.warning("non-finite logits in %s for a batch of %d rows: recomputed in fp32", precision, len(rows))
+            outputs[rows] = logits.cpu().numpy()
+    finally:
+        model.train(was_training)
     return outputs
 
 
