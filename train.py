@@ -8,6 +8,8 @@ them from a shared queue, longest first; `--shard K/N` splits them over machines
 
     python train.py --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
+import importlib.metadata
+import json
 import logging
 import math
 import multiprocessing
@@ -43,6 +45,15 @@ SETTINGS = [
     "WANDB_PROJECT", "DEMO", "DEMO_OUTPUT_DIR", "TEST_DATA_PATH", "FOLDS", "GPUS", "WORKERS", "SHARD",
     "SUMMARIZE_ONLY",
 ]
+# The settings that change what training produces: each result records them, and a question whose recorded
+# training settings differ from the current ones is retrained.
+TRAINING_SETTINGS = [
+    "MODEL_NAME", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
+    "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER",
+    "DUPLICATES", "VAL_FRACTION", "FOLDS", "SEED", "EVAL_STEPS", "PRECISION", "LORA_RANK", "LORA_ALPHA",
+    "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK",
+]
+LIBRARIES = ["torch", "transformers", "peft", "scikit-learn"]
 
 
 def text_groups(rows):
@@ -298,12 +309,29 @@ def train_question(question_id, rows, tokenizer, base_model, precision):
     }
 
 
+def training_settings():
+    """The current TRAINING_SETTINGS as they read back from a results JSON."""
+    return json.loads(json.dumps({name: getattr(config, name) for name in TRAINING_SETTINGS}))
+
+
 def is_complete(question_id):
-    """Results exist and, for a trained question, both adapters are on disk."""
+    """Results exist, were trained with the current training settings and, for a trained question, both
+    adapters are on disk."""
     path = config.get_question_results_path(question_id)
     if not os.path.isfile(path):
         return False
     result = read_json(path)
+    if result["status"] not in ("succeeded", "skipped"):
+        return False
+    if "training_settings" not in result:
+        log.info("question %s: results without recorded training settings, retraining", question_id)
+        return False
+    recorded, current = result["training_settings"], training_settings()
+    changed = [name for name in TRAINING_SETTINGS if recorded.get(name) != current[name]]
+    if changed:
+        log.info("question %s: trained with other settings (%s), retraining", question_id,
+                 ", ".join(f"{config.FLAGS[name]} {recorded.get(name)} -> {current[name]}" for name in changed))
+        return False
     folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
     adapters = all(os.path.isfile(os.path.join(config.get_question_model_path(question_id, checkpoint, fold), "adapter_config.json"))
                    for checkpoint in ("best", "best_map3") for fold in folds)
@@ -340,8 +368,9 @@ def run_question(question_id, rows, tokenizer, base_model, precision, device):
             wandb_run.finish()
         logging.getLogger().removeHandler(handler)
         handler.close()
-    result.update(seconds=round(time.time() - started, 2), model=config.MODEL_NAME, prompt_version=config.PROMPT_VERSION,
-                  device=str(device), max_len=config.MAX_LEN, epochs=config.EPOCHS, learning_rate=config.LEARNING_RATE, **peak_memory_mb(device))
+    result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
+                  device=str(device), training_settings=training_settings(),
+                  versions={library: importlib.metadata.version(library) for library in LIBRARIES}, **peak_memory_mb(device))
     write_json_atomic(config.get_question_results_path(question_id), result)
     return result
 
@@ -364,11 +393,36 @@ def write_summary(question_ids):
         "overall_final_map3": sum(r["final_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
         "val_rows": val_rows,
         "seconds": round(sum(r.get("seconds", 0) for r in results.values()), 2),
+        "training_settings": settings_groups(results),
     }
+    log_settings_groups(summary["training_settings"])
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
     if succeeded:
         plot_summary(succeeded, summary["overall_best_map3"])
     return summary
+
+
+def settings_groups(results):
+    """[{"settings": training settings, "questions": the questions trained with them}] over the results."""
+    groups = []
+    for question_id, result in results.items():
+        settings = result.get("training_settings")
+        group = next((group for group in groups if group["settings"] == settings), None)
+        if group is None:
+            groups.append({"settings": settings, "questions": [question_id]})
+        else:
+            group["questions"].append(question_id)
+    return groups
+
+
+def log_settings_groups(groups):
+    """One line per group of results trained with the same settings; with several, only what differs."""
+    names = [name for name in TRAINING_SETTINGS
+             if len(groups) == 1 or len({json.dumps((group["settings"] or {}).get(name)) for group in groups}) > 1]
+    for group in groups:
+        settings = "no recorded settings" if group["settings"] is None else \
+            ", ".join(f"{config.FLAGS[name]} {group['settings'].get(name)}" for name in names)
+        log.info("questions %s trained with %s", ",".join(map(str, group["questions"])), settings)
 
 
 def plot_summary(succeeded, overall):

@@ -250,3 +250,21 @@ def test_duplicates_drop_trains_without_the_conflicting_rows(tiny_model, train_c
         assert sorted(oof["row_id"]) == sorted(pd.concat([question, conflict])["row_id"])
     # The group sits in one fold's training side (and in the other's validation side, which is never changed).
     assert train_rows["keep"] - train_rows["drop"] == 4
+
+
+def test_resume_retrains_a_question_trained_with_other_settings(tiny_model, train_csv, tmp_path, monkeypatch, caplog):
+    import peft
+    caplog.set_level("INFO")
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471,104665", "--epochs", "1")) == 0
+    first = results(str(tmp_path), 33471)
+    assert first["training_settings"]["EPOCHS"] == 1 and first["versions"]["peft"] == peft.__version__
+    calls = []
+    original = train.train_question
+    monkeypatch.setattr(train, "train_question", lambda qid, *a: calls.append(qid) or original(qid, *a))
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--epochs", "2")) == 0
+    assert calls == [33471]
+    assert "question 33471: trained with other settings (--epochs 1 -> 2), retraining" in caplog.text
+    caplog.clear()
+    assert train.main(["--output-dir", str(tmp_path), "--questions", "33471,104665", "--summarize-only"]) == 0
+    assert "questions 33471 trained with --epochs 2" in caplog.messages
+    assert "questions 104665 trained with --epochs 1" in caplog.messages
