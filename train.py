@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 import warnings
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,8 @@ TRAINING_SETTINGS = [
     "DUPLICATES", "VAL_FRACTION", "FOLDS", "SEED", "EVAL_STEPS", "PRECISION", "LORA_RANK", "LORA_ALPHA",
     "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK",
 ]
+# --val-fraction is held out as m of K folds, m/K its nearest fraction with K at most this.
+MAX_VAL_FOLDS = 20
 LIBRARIES = ["torch", "transformers", "peft", "scikit-learn"]
 
 
@@ -98,9 +101,14 @@ def training_loss(weights):
 def fold_splits(rows, folds, seed):
     """[(train indices, validation indices)] per fold: stratified by label, repeated texts on one side.
 
-    folds=1 holds out VAL_FRACTION of the rows once; there, a class with a single row stays in training.
+    folds=1 holds out VAL_FRACTION of the rows once, as m of K stratified group folds with m/K = VAL_FRACTION
+    (K <= 20); there, the texts of a class with a single row stay in training, every row repeating them too.
     """
-    n_splits = folds if folds > 1 else max(2, round(1 / config.VAL_FRACTION))
+    if folds > 1:
+        n_splits, held_out = folds, 1
+    else:
+        fraction = Fraction(config.VAL_FRACTION).limit_denominator(MAX_VAL_FOLDS)
+        n_splits, held_out = fraction.denominator, fraction.numerator
     labels = rows[TARGET_COLUMN].to_numpy()
     groups = text_groups(rows)
     if len(set(groups)) < n_splits:
@@ -111,10 +119,12 @@ def fold_splits(rows, folds, seed):
         splits = list(splitter.split(np.zeros(len(rows)), labels, groups))
     if folds > 1:
         return splits
-    train_idx, val_idx = splits[0]
+    val_idx = np.sort(np.concatenate([val for _, val in splits[:held_out]]))
     counts = rows[TARGET_COLUMN].value_counts()
-    singletons = np.isin(labels[val_idx], counts[counts < 2].index)
-    return [(np.sort(np.concatenate([train_idx, val_idx[singletons]])), val_idx[~singletons])]
+    singleton_groups = set(groups[np.isin(labels, counts[counts < 2].index)])
+    to_train = np.isin(groups[val_idx], list(singleton_groups))
+    train_idx = np.setdiff1d(np.arange(len(rows)), val_idx[~to_train])
+    return [(train_idx, val_idx[~to_train])]
 
 
 def save_adapter(model, path):

@@ -268,3 +268,26 @@ def test_resume_retrains_a_question_trained_with_other_settings(tiny_model, trai
     assert train.main(["--output-dir", str(tmp_path), "--questions", "33471,104665", "--summarize-only"]) == 0
     assert "questions 33471 trained with --epochs 2" in caplog.messages
     assert "questions 104665 trained with --epochs 1" in caplog.messages
+
+
+def test_val_fraction_is_the_share_held_out(train_csv):
+    df = read_competition_csv(train_csv, labelled=True)
+    rows = df[df["QuestionId"] == 33471].reset_index(drop=True)
+    for fraction in (0.15, 0.2, 0.4):
+        config.VAL_FRACTION = fraction
+        train_idx, val_idx = train.fold_splits(rows, 1, 0)[0]
+        assert sorted(np.concatenate([train_idx, val_idx])) == list(range(len(rows)))
+        assert len(val_idx) / len(rows) == pytest.approx(fraction, abs=0.03), fraction
+
+
+def test_a_single_row_class_takes_every_row_of_its_text_into_training(train_csv):
+    df = read_competition_csv(train_csv, labelled=True)
+    rows = df[df["QuestionId"] == 33471].reset_index(drop=True)
+    # The text of one row repeated with the label of no other row: a conflicting group of three.
+    group = pd.concat([rows.iloc[[0, 0]], rows.iloc[[0]].assign(**{"Category:Misconception": "False_Misconception:Unique"})])
+    rows = pd.concat([rows, group], ignore_index=True)
+    key = rows["MC_Answer"] + rows["StudentExplanation"]
+    for seed in range(20):
+        train_idx, val_idx = train.fold_splits(rows, 1, seed)[0]
+        assert len(rows) - 1 in train_idx
+        assert not set(key[train_idx]) & set(key[val_idx]), seed
