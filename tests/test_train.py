@@ -291,3 +291,19 @@ def test_a_single_row_class_takes_every_row_of_its_text_into_training(train_csv)
         train_idx, val_idx = train.fold_splits(rows, 1, seed)[0]
         assert len(rows) - 1 in train_idx
         assert not set(key[train_idx]) & set(key[val_idx]), seed
+
+
+def test_the_headline_is_the_final_checkpoint_and_best_map3_is_labelled(trained, caplog, monkeypatch):
+    """best_map3 is chosen on the rows it is scored on: an optimistic figure, never the headline."""
+    import matplotlib.axes
+    lines = {}
+    axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: lines.update({k["label"]: y}) or axhline(self, y, *a, **k))
+    caplog.set_level("INFO")
+    assert train.main(["--output-dir", trained["output_dir"], "--summarize-only"]) == 0
+    summary = json.load(open(os.path.join(trained["output_dir"], "summary", "all_questions_summary.json")))
+    final, best = summary["overall_final_map3"], summary["overall_best_map3"]
+    assert final <= best  # selection on the validation rows flatters best_map3
+    assert (f"overall validation MAP@3 {final} (final checkpoint); best_map3 {best} (checkpoint selected on these same rows)"
+            in caplog.text)
+    assert lines == {f"overall {final:.4f} (final checkpoint, row-weighted)": final}
