@@ -1,5 +1,6 @@
 """Shared by train.py and submit.py: data I/O and validation, labels, the metric, and model loading."""
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -8,6 +9,7 @@ import tempfile
 import joblib
 import numpy as np
 import pandas as pd
+import peft
 import torch
 import transformers
 from sklearn.preprocessing import LabelEncoder
@@ -301,6 +303,24 @@ def attach_lora(base_model, lora_config, num_labels, trainable=True):
     return model
 
 
+# A newer peft writes fields an older one lacks; these two mean nothing for an adapter that uses no newer feature.
+INERT_LORA_FIELDS = {"peft_version", "qalora_group_size"}
+
+
+def read_lora_config(adapter_dir):
+    """The saved LoraConfig, without the fields of a newer peft whose features are off (None, False, empty).
+
+    A newer feature that is on raises: this peft would load the adapter wrongly.
+    """
+    saved = read_json(os.path.join(adapter_dir, "adapter_config.json"))
+    known = {field.name for field in dataclasses.fields(LoraConfig)}
+    unknown = {name: value for name, value in saved.items() if name not in known}
+    used = [name for name, value in unknown.items() if name not in INERT_LORA_FIELDS and value not in (None, False, [], {})]
+    if used:
+        raise ValueError(f"{adapter_dir}: adapter uses {', '.join(used)}, unknown to peft {peft.__version__}; upgrade peft")
+    return LoraConfig(**{name: value for name, value in saved.items() if name in known})
+
+
 def load_adapter(base_model, adapter_dir, num_labels):
     """Attach a saved adapter and head to the shared base model.
 
@@ -308,7 +328,7 @@ def load_adapter(base_model, adapter_dir, num_labels):
     raises without leaving LoRA layers behind.
     """
     state_dict = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    lora_config = LoraConfig.from_pretrained(adapter_dir)
+    lora_config = read_lora_config(adapter_dir)
     heads = {key: value for key, value in state_dict.items() if key.split(".")[-2] in HEAD_NAMES and key.endswith("weight")}
     if not heads or any(value.shape[0] != num_labels for value in heads.values()):
         raise ValueError(f"{adapter_dir}: head does not have {num_labels} outputs")

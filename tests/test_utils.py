@@ -143,3 +143,16 @@ def test_non_finite_logits_are_recomputed_in_fp32_or_raise(caplog):
     from utils import NonFiniteLogits
     with pytest.raises(NonFiniteLogits):
         predict_logits(Overflowing(broken=True), [[3]], collate, 1, "fp16")
+
+
+def test_an_adapter_config_from_a_newer_peft_loads_unless_it_uses_a_newer_feature(tmp_path):
+    from peft import LoraConfig
+    from utils import read_lora_config
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "feature_of_peft_99": None, "peft_version": "99.0"}))
+    assert read_lora_config(str(tmp_path)).r == 4
+    path.write_text(json.dumps({**saved, "feature_of_peft_99": True}))
+    with pytest.raises(ValueError, match="adapter uses feature_of_peft_99, unknown to peft"):
+        read_lora_config(str(tmp_path))
