@@ -67,7 +67,8 @@ setting("PROMPT_VERSION", "create_prompt_v1", "--prompt-version",
         "(plus question, choices, known misconceptions; 0.044 lower out of fold, see EXPERIMENTS.md) or "
         "create_prompt_global (v1 led by the QuestionId: the default of --scope global and of --init-from)",
         "train run gpu")
-setting("MAX_LEN", 300, "--max-len", "token budget of a prompt; context is shortened to fit, the explanation never",
+setting("MAX_LEN", 300, "--max-len", "token budget of a prompt: create_prompt_v2 drops context to fit; the explanation is never cut, so v1 and the "
+        "global prompt are never shortened",
         "train run gpu")
 
 # Training
@@ -91,7 +92,8 @@ setting("DUPLICATES", "keep", "--duplicates",
         "training rows that repeat a text with different labels: keep, drop, or majority (relabel to the group's most "
         "common label; a tie drops the group); validation rows are never changed", "train",
         choices=("keep", "drop", "majority"))
-setting("VAL_FRACTION", 0.2, "--val-fraction", "fraction of each question's rows held out for validation (--folds 1)",
+setting("VAL_FRACTION", 0.2, "--val-fraction", "fraction of each question's rows held out for validation (--folds 1): m of K stratified folds with m/K the "
+        "fraction (K <= 20); a class with a single row stays in training with every row repeating its text",
         "train gpu baseline")
 setting("SEED", 42, "--seed", "random seed (split, head init, data order)", "train run gpu baseline")
 setting("EVAL_STEPS", 0.1, "--eval-steps", "evaluate every N optimizer steps; a value below 1 is a fraction of the run",
@@ -101,7 +103,7 @@ setting("GRADIENT_CHECKPOINTING", False, "--gradient-checkpointing", "trade comp
         "train gpu")
 setting("PAD_TO_MULTIPLE_OF", 0, "--pad-to-multiple-of", "pad batches to a multiple of this many tokens (0: longest row only)",
         "train submit run gpu")
-setting("PRECISION", "auto", "--precision", "auto (bf16 where supported, fp16 on other GPUs, fp32 on CPU), bf16, fp16 or fp32",
+setting("PRECISION", "auto", "--precision", "auto (bf16 from compute capability 8.0, fp16 on older GPUs such as T4, fp32 on CPU), bf16, fp16 or fp32",
         "train submit", choices=("auto", "bf16", "fp16", "fp32"))
 setting("OVERWRITE", False, "--overwrite", "retrain questions whose results already exist", "train")
 setting("FOLDS", 1, "--folds", "1: one train/validation split; K > 1: K-fold with out-of-fold predictions and a fold ensemble",
@@ -115,7 +117,8 @@ setting("LORA_TARGET_MODULES", ["q_proj", "v_proj", "k_proj", "o_proj"], "--lora
         "comma-separated module names LoRA adapts (query,key,value,dense for BERT)", "train gpu")
 
 # Parallel runs
-setting("GPUS", "all", "--gpus", "GPUs to use, e.g. 0,1 (all: every visible GPU); one worker process per GPU", "train")
+setting("GPUS", "all", "--gpus", "GPUs to use, as indices among the visible ones, e.g. 0,1 (all: every visible GPU); one worker process per GPU, "
+        "pinned to it", "train")
 setting("WORKERS", 0, "--workers", "worker processes (0: one per GPU, 1 on CPU)", "train")
 setting("SHARD", "1/1", "--shard", "K/N: train only the K-th of N size-balanced partitions of the questions", "train")
 setting("SUMMARIZE_ONLY", False, "--summarize-only", "only rebuild the summary from the question results on disk", "train")
@@ -127,6 +130,9 @@ setting("CORRECTNESS_MASK", True, "--correctness-mask",
         "rank labels whose True_/False_ prefix matches the chosen answer's correctness first", "train submit")
 setting("MERGE_LORA", True, "--merge-lora",
         "fold LoRA into the base weights while predicting a question (the base is restored exactly)", "submit")
+setting("ALLOW_FALLBACK", False, "--allow-fallback",
+        "exit 0 even when a question with a trained model (or without training results) was predicted by label "
+        "frequencies", "submit")
 setting("GLOBAL_WEIGHT", 0.5, "--global-weight",
         "weight of the global model where both it and a question's model exist (0: question models only, 1: global only)",
         "submit")

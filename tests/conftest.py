@@ -64,3 +64,27 @@ def trained(tiny_model, train_csv, tmp_path_factory):
     code = train.main(train_args(tiny_model, train_csv, output_dir))
     config.update(saved)
     return {"output_dir": str(output_dir), "code": code}
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """fake_gpus({"Tesla T4": (7, 5), ...}): CUDA queries answer as if those GPUs were visible, current one first.
+
+    is_bf16_supported() says True, as it does on a real T4 (it counts emulation).
+    """
+    def install(gpus):
+        names, capabilities = list(gpus), list(gpus.values())
+
+        def index(device=None):
+            if isinstance(device, int):
+                return device
+            device = torch.device("cuda" if device is None else device)
+            return 0 if device.index is None else device.index  # no index: the current device, 0
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capabilities[index(device)])
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[index(device)])
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    return install

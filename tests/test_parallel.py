@@ -101,3 +101,27 @@ def test_killed_worker_leaves_the_rest_complete_and_the_rerun_trains_only_what_i
         assert os.path.getmtime(f"{results}/question_{q}_results.json") == mtime
     assert all(json.load(open(f"{results}/question_{q}_results.json"))["status"] in ("succeeded", "skipped") for q in statuses)
     assert rerun.stderr.count("results complete, skipping") == len(complete_before)
+
+
+def test_one_selected_gpu_trains_in_a_worker_pinned_to_it(fake_gpus, tiny_model, train_csv, tmp_path, monkeypatch):
+    """In-process, the Trainer would wrap the model in DataParallel over every visible GPU."""
+    fake_gpus({"Tesla T4": (7, 5), "Tesla T4 ": (7, 5)})
+    calls = []
+    monkeypatch.setattr(train, "train_parallel", lambda df, questions, devices: calls.append(("workers", devices)))
+    monkeypatch.setattr(train, "train_questions", lambda df, questions, device: calls.append(("in-process", device)))
+    train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--gpus", "1", "--workers", "1"))
+    assert calls == [("workers", ["cuda:1"])]
+
+
+def test_a_worker_pins_the_physical_gpu_behind_its_index(train_csv, monkeypatch):
+    """Under a scheduler that set CUDA_VISIBLE_DEVICES=5,6, visible GPU 1 is physical GPU 6."""
+    import queue
+    import torch
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
+    pinned = []
+    monkeypatch.setattr(train, "train_questions", lambda df, questions, device: pinned.append((os.environ["CUDA_VISIBLE_DEVICES"], device)))
+    questions = queue.Queue()
+    questions.put(None)
+    train.worker("cuda:1", torch.get_num_threads(), {**config.snapshot(), "TRAIN_DATA_PATH": train_csv}, questions)
+    assert pinned == [("6", "cuda")]
+    assert train.physical_gpu(0) == "6"  # inside the worker, its one GPU

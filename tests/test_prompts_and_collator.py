@@ -124,3 +124,19 @@ def test_training_dataloader_batches_by_length(tokenizer):
     assert len(batches) == len(loader) == 13 and sum(len(batch["labels"]) for batch in batches) == 100
     real = sum(int(batch["attention_mask"].sum()) for batch in batches)
     assert real == lengths.sum() and real / sum(batch["attention_mask"].numel() for batch in batches) > 0.9
+
+
+def test_a_chat_template_that_writes_the_bos_token_gets_no_second_one():
+    """Llama- and Gemma-style tokenizers add BOS themselves and their chat templates write it too."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    words = "Answer : 1 3 ( incorrect ) Explanation a third".split()
+    vocab = {"<s>": 0, "<unk>": 1, "<pad>": 2, **{word: i + 3 for i, word in enumerate(dict.fromkeys(words))}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    bos_adding = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>", pad_token="<pad>")
+    bos_adding.chat_template = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+    assert bos_adding("a third")["input_ids"][0] == 0
+    ids, _ = encode_prompts(rows(["a third"]), bos_adding, "create_prompt_v1", 300)
+    assert ids[0][0] == 0 and ids[0].count(0) == 1

@@ -12,7 +12,8 @@ import config
 import submit
 from conftest import SINGLE_CLASS_QUESTION
 from prompt_utils import answer_is_correct
-from utils import TORCH_DTYPES, load_adapter, load_base_model, load_tokenizer, predict_logits, read_json, read_question_results
+from utils import (TORCH_DTYPES, load_adapter, load_base_model, load_tokenizer, predict_logits, read_json, read_question_results,
+                   write_json_atomic)
 
 TRAINED = [31772, 33471, 104665]
 
@@ -28,10 +29,14 @@ def read_submission(path):
     return pd.read_csv(path, keep_default_na=False, dtype=str)
 
 
-def test_round_trip_writes_every_row_in_order_with_three_distinct_labels(trained, tiny_model, test_csv, tmp_path):
+def test_round_trip_writes_every_row_in_order_with_three_distinct_labels(trained, tiny_model, test_csv, tmp_path, capsys):
     code, path = run_submit(trained, tiny_model, test_csv, tmp_path)
     assert code == 0
     test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
+    questions = test["QuestionId"].nunique()
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{questions - 1} of {questions} questions predicted by their model; 1 by label frequencies "
+        f"(one class in training: {SINGLE_CLASS_QUESTION})")
     written = read_submission(path)
     assert list(written.columns) == ["row_id", "Category:Misconception"]
     assert written["row_id"].tolist() == test["row_id"].tolist()
@@ -131,18 +136,34 @@ def frequency_top3(run, question_id, correct):
     return ranked[:3]
 
 
-@pytest.mark.parametrize("damage", ["deleted", "corrupted"])
-def test_broken_adapter_falls_back_to_label_frequencies(trained, tiny_model, test_csv, tmp_path, damage, caplog):
+def poison_head(adapter):
+    """NaN head weights: non-finite logits in any precision."""
+    from safetensors.torch import load_file, save_file
+    weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    weights = {key: value * float("nan") if ".score." in key else value for key, value in weights.items()}
+    save_file(weights, os.path.join(adapter, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupted", "non-finite", "classes differ"])
+def test_broken_adapter_falls_back_to_label_frequencies_and_exits_1(trained, tiny_model, test_csv, tmp_path, damage, caplog, capsys):
     run = copy_run(trained, tmp_path)
     adapter = os.path.join(run["output_dir"], "question_31772", "best_map3")
     if damage == "deleted":
         shutil.rmtree(adapter)
-    else:
+    elif damage == "corrupted":
         with open(os.path.join(adapter, "adapter_model.safetensors"), "r+b") as handle:
             handle.write(b"garbage" * 10)
+    elif damage == "non-finite":
+        poison_head(adapter)
+    else:
+        results_path = os.path.join(run["output_dir"], "summary", "question_31772_results.json")
+        result = read_json(results_path)
+        write_json_atomic(results_path, {**result, "classes": result["classes"][::-1]})
     code, path = run_submit(run, tiny_model, test_csv, tmp_path)
-    assert code == 0
+    assert code == 1  # after writing the complete file
     assert "question 31772: model unusable" in caplog.text
+    last_line = capsys.readouterr().out.splitlines()[-1]
+    assert last_line.endswith(f"2 by label frequencies (model unusable: 31772; one class in training: {SINGLE_CLASS_QUESTION})")
     test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
     written = read_submission(path)
     rows = test["QuestionId"] == "31772"
@@ -151,6 +172,30 @@ def test_broken_adapter_falls_back_to_label_frequencies(trained, tiny_model, tes
     other = test["QuestionId"] == "33471"
     reference = read_submission(run_submit(trained, tiny_model, test_csv, tmp_path)[1])
     assert written.loc[other].equals(reference.loc[other])
+
+
+def test_missing_summary_is_a_failure_unless_fallback_is_allowed(trained, tiny_model, test_csv, tmp_path, capsys):
+    run = copy_run(trained, tmp_path)
+    shutil.rmtree(os.path.join(run["output_dir"], "summary"))
+    code, path = run_submit(run, tiny_model, test_csv, tmp_path)
+    assert code == 1 and len(read_submission(path)) == len(pd.read_csv(test_csv))
+    questions = pd.read_csv(test_csv)["QuestionId"].nunique()
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        f"0 of {questions} questions predicted by their model; {questions} by label frequencies (no training results: ")
+    assert run_submit(run, tiny_model, test_csv, tmp_path, "--allow-fallback")[0] == 0
+
+
+def test_an_unreadable_label_encoder_is_replaced_by_the_classes_in_the_results(trained, tiny_model, test_csv, tmp_path, caplog):
+    """An older scikit-learn may not unpickle the encoder: the model still predicts."""
+    run = copy_run(trained, tmp_path)
+    encoder = os.path.join(run["output_dir"], "question_31772", "label_encoder.joblib")
+    with open(encoder, "wb") as handle:
+        handle.write(b"not a pickle")
+    code, path = run_submit(run, tiny_model, test_csv, tmp_path)
+    assert code == 0
+    assert f"question 31772: {encoder} unreadable" in caplog.text
+    reference = read_submission(run_submit(trained, tiny_model, test_csv, tmp_path)[1])
+    assert read_submission(path).equals(reference)
 
 
 def test_unseen_question_and_single_class_question(trained, tiny_model, tmp_path, caplog, capsys):
@@ -165,7 +210,7 @@ def test_unseen_question_and_single_class_question(trained, tiny_model, tmp_path
     labels = written["Category:Misconception"].str.split().tolist()
     assert labels[1][0] == "True_Correct:NA" and len(set(labels[1])) == 3
     assert labels[0] == labels[2] and labels[0][0] == "True_Correct:NA" and len(set(labels[0])) == 3
-    assert "question 999: no trained model; using global label frequencies" in caplog.text
+    assert "question 999: never trained; using global label frequencies" in caplog.text
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["question", "rows", "predicted", "by", "seconds"]
     assert table[1].split()[:-1] == [str(SINGLE_CLASS_QUESTION), "1", "its", "label", "frequencies", "(one", "class", "in", "training)"]

@@ -252,3 +252,60 @@ def test_duplicates_drop_trains_without_the_conflicting_rows(tiny_model, train_c
         assert sorted(oof["row_id"]) == sorted(pd.concat([question, conflict])["row_id"])
     # The group sits in one fold's training side (and in the other's validation side, which is never changed).
     assert train_rows["keep"] - train_rows["drop"] == 4
+
+
+def test_resume_retrains_a_question_trained_with_other_settings(tiny_model, train_csv, tmp_path, monkeypatch, caplog):
+    import peft
+    caplog.set_level("INFO")
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471,104665", "--epochs", "1")) == 0
+    first = results(str(tmp_path), 33471)
+    assert first["training_settings"]["EPOCHS"] == 1 and first["versions"]["peft"] == peft.__version__
+    calls = []
+    original = train.train_question
+    monkeypatch.setattr(train, "train_question", lambda qid, *a: calls.append(qid) or original(qid, *a))
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--epochs", "2")) == 0
+    assert calls == [33471]
+    assert "question 33471: trained with other settings (--epochs 1 -> 2), retraining" in caplog.text
+    caplog.clear()
+    assert train.main(["--output-dir", str(tmp_path), "--questions", "33471,104665", "--summarize-only"]) == 0
+    assert "questions 33471 trained with --epochs 2" in caplog.messages
+    assert "questions 104665 trained with --epochs 1" in caplog.messages
+
+
+def test_val_fraction_is_the_share_held_out(train_csv):
+    df = read_competition_csv(train_csv, labelled=True)
+    rows = df[df["QuestionId"] == 33471].reset_index(drop=True)
+    for fraction in (0.15, 0.2, 0.4):
+        config.VAL_FRACTION = fraction
+        train_idx, val_idx = train.fold_splits(rows, 1, 0)[0]
+        assert sorted(np.concatenate([train_idx, val_idx])) == list(range(len(rows)))
+        assert len(val_idx) / len(rows) == pytest.approx(fraction, abs=0.03), fraction
+
+
+def test_a_single_row_class_takes_every_row_of_its_text_into_training(train_csv):
+    df = read_competition_csv(train_csv, labelled=True)
+    rows = df[df["QuestionId"] == 33471].reset_index(drop=True)
+    # The text of one row repeated with the label of no other row: a conflicting group of three.
+    group = pd.concat([rows.iloc[[0, 0]], rows.iloc[[0]].assign(**{"Category:Misconception": "False_Misconception:Unique"})])
+    rows = pd.concat([rows, group], ignore_index=True)
+    key = rows["MC_Answer"] + rows["StudentExplanation"]
+    for seed in range(20):
+        train_idx, val_idx = train.fold_splits(rows, 1, seed)[0]
+        assert len(rows) - 1 in train_idx
+        assert not set(key[train_idx]) & set(key[val_idx]), seed
+
+
+def test_the_headline_is_the_final_checkpoint_and_best_map3_is_labelled(trained, caplog, monkeypatch):
+    """best_map3 is chosen on the rows it is scored on: an optimistic figure, never the headline."""
+    import matplotlib.axes
+    lines = {}
+    axhline = matplotlib.axes.Axes.axhline
+    monkeypatch.setattr(matplotlib.axes.Axes, "axhline", lambda self, y=0, *a, **k: lines.update({k["label"]: y}) or axhline(self, y, *a, **k))
+    caplog.set_level("INFO")
+    assert train.main(["--output-dir", trained["output_dir"], "--summarize-only"]) == 0
+    summary = json.load(open(os.path.join(trained["output_dir"], "summary", "all_questions_summary.json")))
+    final, best = summary["overall_final_map3"], summary["overall_best_map3"]
+    assert final <= best  # selection on the validation rows flatters best_map3
+    assert (f"overall validation MAP@3 {final} (final checkpoint); best_map3 {best} (checkpoint selected on these same rows)"
+            in caplog.text)
+    assert lines == {f"overall {final:.4f} (final checkpoint, row-weighted)": final}

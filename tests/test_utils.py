@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from utils import InputError, decode_top_k, map_at_k, read_competition_csv, write_json_atomic
 
@@ -97,3 +98,61 @@ def test_write_json_atomic_replaces_whole_file(tmp_path):
     write_json_atomic(str(path), {"b": 2})
     assert json.loads(path.read_text()) == {"b": 2}
     assert os.listdir(path.parent) == ["x.json"]
+
+
+def test_precision_follows_compute_capability_of_the_device_in_hand(fake_gpus):
+    from utils import resolve_precision
+    fake_gpus({"NVIDIA A100": (8, 0), "Tesla T4": (7, 5)})  # the current device is the A100
+    assert resolve_precision("auto", "cuda:0") == "bf16"
+    assert resolve_precision("auto", "cuda:1") == "fp16"  # emulated bf16 does not count
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cuda:0") == "bf16"
+    with pytest.raises(InputError, match=r"Tesla T4, compute capability 7\.5 has no native bf16"):
+        resolve_precision("bf16", "cuda:1")
+
+
+class Overflowing(torch.nn.Module):
+    """Logits that overflow in half precision (as fp16 activations do past 65504), and always NaN if `broken`."""
+
+    def __init__(self, broken=False):
+        super().__init__()
+        self.config = type("Config", (), {"num_labels": 2})()
+        self.scale = torch.nn.Parameter(torch.tensor([1.0, -1.0], dtype=torch.float16))
+        self.broken = broken
+
+    def forward(self, input_ids, attention_mask):
+        logits = input_ids[:, :1].to(self.scale.dtype) * 1e5 * self.scale / 1e5
+        if self.broken:
+            logits = logits * float("nan")
+        return type("Output", (), {"logits": logits})()
+
+
+def collate(features):
+    from transformers import BatchEncoding
+    ids = torch.tensor([feature["input_ids"] for feature in features])
+    return BatchEncoding({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def test_non_finite_logits_are_recomputed_in_fp32_or_raise(caplog):
+    from utils import predict_logits
+    model = Overflowing()
+    logits = predict_logits(model, [[3], [5]], collate, 2, "fp16")
+    np.testing.assert_allclose(logits, [[3, -3], [5, -5]], rtol=1e-3)
+    assert "non-finite logits in fp16 for a batch of 2 rows: recomputed in fp32" in caplog.text
+    assert model.scale.dtype == torch.float16  # the model is given back as it was
+    from utils import NonFiniteLogits
+    with pytest.raises(NonFiniteLogits):
+        predict_logits(Overflowing(broken=True), [[3]], collate, 1, "fp16")
+
+
+def test_an_adapter_config_from_a_newer_peft_loads_unless_it_uses_a_newer_feature(tmp_path):
+    from peft import LoraConfig
+    from utils import read_lora_config
+    LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]).save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    path.write_text(json.dumps({**saved, "feature_of_peft_99": None, "peft_version": "99.0"}))
+    assert read_lora_config(str(tmp_path)).r == 4
+    path.write_text(json.dumps({**saved, "feature_of_peft_99": True}))
+    with pytest.raises(ValueError, match="adapter uses feature_of_peft_99, unknown to peft"):
+        read_lora_config(str(tmp_path))

@@ -32,3 +32,13 @@ def test_a_broken_setting_is_a_cross_and_exit_1(tiny_model, train_csv, tmp_path)
     assert crosses[0].startswith(f"✗ model: {tmp_path / 'no_model'}: not loadable offline")
     assert crosses[1] == f"✗ train data: {tmp_path / 'none.csv'}: file not found"
     assert run.stdout.splitlines()[-1] == "2 check(s) failed"
+
+
+def test_reports_the_precision_for_each_gpu_and_why(fake_gpus, capsys):
+    import validate_system
+    fake_gpus({"Tesla T4": (7, 5), "NVIDIA H100": (9, 0)})
+    validate_system.check_environment(validate_system.Checklist())
+    lines = capsys.readouterr().out.splitlines()
+    assert "✓ cuda:0: Tesla T4, compute capability 7.5" in lines
+    assert "✓ precision: fp16 (native bf16 from compute capability 8.0: no) on cuda:0" in lines
+    assert "✓ precision: bf16 (native bf16 from compute capability 8.0: yes) on cuda:1" in lines

@@ -14,6 +14,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+import train  # noqa: E402
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "scikit-learn", "pandas", "numpy", "joblib"]
 MINIMUM = {"transformers": (4, 51)}
@@ -53,18 +54,29 @@ def check_environment(checks):
         checks.check(package, not too_old, version + (f" (needs >= {'.'.join(map(str, minimum))})" if too_old else ""))
 
     import torch
-    from utils import resolve_precision
-    if torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):
-            name = torch.cuda.get_device_name(index)
-            checks.ok(f"cuda:{index}", f"{name}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no (fp16 will be used)'}")
-    else:
+    from utils import describe_gpu
+    for index in range(torch.cuda.device_count()):
+        checks.ok(f"cuda:{index}", describe_gpu(index))
+    if not torch.cuda.is_available():
         checks.warn("device", "no CUDA GPU: training runs on the CPU in fp32 (fine for the demo, slow for Qwen3-0.6B)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        checks.ok("precision", f"{resolve_precision(config.PRECISION, device)} on {device}")
+        devices = train.training_devices()
+        for device in dict.fromkeys(devices):
+            checks.ok("precision", f"{precision_and_reason(device)} on {device}")
     except Exception as error:
         checks.fail("precision", str(error))
+
+
+def precision_and_reason(device):
+    """The precision train.py will use on `device`, and why."""
+    from utils import BF16_COMPUTE_CAPABILITY, native_bf16, resolve_precision
+    precision = resolve_precision(config.PRECISION, device)
+    if config.PRECISION != "auto":
+        return f"{precision} (set by --precision)"
+    if device == "cpu":
+        return f"{precision} (CPU)"
+    needed = ".".join(map(str, BF16_COMPUTE_CAPABILITY))
+    return f"{precision} (native bf16 from compute capability {needed}: {'yes' if native_bf16(device) else 'no'})"
 
 
 def check_config(checks):
