@@ -105,8 +105,8 @@ class StepBar(TrainerCallback):
 def question_line(result):
     question_id, status = result["question_id"], result["status"]
     if status == "succeeded":
-        return (f"question {question_id} succeeded: MAP@3 best {score_text(result['best_map3'])}, final "
-                f"{score_text(result['final_map3'])}, label prior {score_text(result.get('prior_map3'))}; "
+        return (f"question {question_id} succeeded: MAP@3 final {score_text(result['final_map3'])} (best_map3 "
+                f"{score_text(result['best_map3'])}), label prior {score_text(result.get('prior_map3'))}; "
                 f"{result.get('seconds', 0):.1f} s")
     if status == "skipped":
         return f"question {question_id} skipped: {result.get('num_classes', 1)} class"
@@ -135,12 +135,13 @@ def training_table(summary):
     lines = [text_table(header, rows, left=["status"])]
     if summary.get("global"):
         entry = summary["global"]
-        lines.append(f"global model {entry['status']}: MAP@3 best {score_text(entry.get('best_map3'))}, final "
-                     f"{score_text(entry.get('final_map3'))} over {entry.get('val_rows')} validation rows; "
+        lines.append(f"global model {entry['status']}: MAP@3 {score_text(entry.get('final_map3'))} (final checkpoint; "
+                     f"best_map3 {score_text(entry.get('best_map3'))}) over {entry.get('val_rows')} validation rows; "
                      f"{seconds_text(entry.get('seconds') or 0)} of training")
     lines += [f"question {q} failed: {entry['error']}" for q, entry in summary["per_question"].items() if entry["status"] == "failed"]
-    lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 best {score_text(summary['overall_best_map3'])}, "
-                 f"final {score_text(summary['overall_final_map3'])}, label prior {score_text(summary.get('overall_prior_map3'))}; "
+    lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 {score_text(summary['overall_final_map3'])} "
+                 f"(final checkpoint; best_map3 {score_text(summary['overall_best_map3'])}, selected on these same rows), "
+                 f"label prior {score_text(summary.get('overall_prior_map3'))}; "
                  f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped, "
                  f"{len(summary['missing'])} missing; {seconds_text(summary['seconds'])} of training")
     return "\n".join(lines)
@@ -169,19 +170,22 @@ def plot_map3_by_question(results, summary, path):
     plt = pyplot()
     from matplotlib.ticker import MultipleLocator
 
-    trained = sorted((r for r in results.values() if r["status"] == "succeeded"), key=lambda r: r["best_map3"])
-    model = np.array([r["best_map3"] for r in trained])
+    trained = sorted((r for r in results.values() if r["status"] == "succeeded"), key=lambda r: r["final_map3"])
+    model = np.array([r["final_map3"] for r in trained])
+    best = np.array([r["best_map3"] for r in trained])
     prior = np.array([np.nan if r.get("prior_map3") is None else r["prior_map3"] for r in trained])
-    left = max(0.0, math.floor((np.nanmin(np.concatenate([model, prior])) - 0.03) * 20) / 20)
+    left = max(0.0, math.floor((np.nanmin(np.concatenate([model, best, prior])) - 0.03) * 20) / 20)
     y = np.arange(len(trained))
     figure, axis = plt.subplots(figsize=(7, 1.6 + 0.38 * len(trained)))
-    bars = axis.barh(y + 0.2, model, height=0.4, color="tab:blue", label="model (best checkpoint)")
+    bars = axis.barh(y + 0.2, model, height=0.4, color="tab:blue", label="model (final checkpoint)")
+    axis.scatter(best, y + 0.2, color="black", marker="|", s=120, zorder=3,
+                 label="best_map3 (checkpoint selected on these same rows)")
     prior_bars = axis.barh(y - 0.2, prior, height=0.4, color="0.8", label="label prior (labels ranked by training frequency)")
     axis.bar_label(bars, fmt="%.3f", padding=-30, fontsize=8, color="white")  # inside the bar, clear of the lines
     axis.bar_label(prior_bars, fmt="%.3f", padding=2, fontsize=7, color="0.35",
                    bbox=dict(facecolor="white", edgecolor="none", pad=0.3))
-    overall, overall_prior = summary["overall_best_map3"], summary.get("overall_prior_map3")
-    axis.axvline(overall, color="tab:red", linestyle="--", linewidth=1, label=f"overall {overall:.4f} (row-weighted)")
+    overall, overall_prior = summary["overall_final_map3"], summary.get("overall_prior_map3")
+    axis.axvline(overall, color="tab:red", linestyle="--", linewidth=1, label=f"overall {overall:.4f} (final checkpoint, row-weighted)")
     if overall_prior is not None:
         axis.axvline(overall_prior, color="0.4", linestyle=":", linewidth=1, label=f"overall label prior {overall_prior:.4f}")
     axis.set_yticks(y, [str(r["question_id"]) for r in trained])
@@ -236,7 +240,7 @@ def plot_learning_curves(results, path, columns=5):
             loss_axis.plot(steps, loss, color=f"C{fold}", linewidth=0.9, linestyle="--", alpha=0.7)
         if result.get("prior_map3") is not None:
             axis.axhline(result["prior_map3"], color="0.4", linestyle=":", linewidth=1)
-        axis.set_title(f"{result['question_id']}: best {result['best_map3']:.3f}", fontsize=9)
+        axis.set_title(f"{result['question_id']}: final {result['final_map3']:.3f} (best {result['best_map3']:.3f})", fontsize=9)
         axis.set_ylim(low, 1.005)
         axis.tick_params(labelsize=7)
         loss_axis.tick_params(labelsize=7, colors="0.4")

@@ -319,6 +319,7 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, init=None)
         )
         initial = trainer.evaluate()  # step 0: the head's prior, or the model started from
         trainer.train()
+        trainer.state.log_history.insert(0, {**initial, "step": 0, "epoch": 0.0})  # train() began a new history
         evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_map3" in entry]
         if evaluated[-1] != trainer.state.global_step:
             trainer.evaluate()
@@ -482,7 +483,7 @@ def is_complete(question_id):
     changed = [name for name in TRAINING_SETTINGS if recorded.get(name) != current[name]]
     if changed:
         log.info("question %s: trained with other settings (%s), retraining", question_id,
-                 ", ".join(f"{config.FLAGS[name]} {recorded.get(name)} -> {current[name]}" for name in changed))
+                 ", ".join(f"{config.SETTINGS[name].flag} {recorded.get(name)} -> {current[name]}" for name in changed))
         return False
     folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
     adapters = all(os.path.isfile(os.path.join(config.get_question_model_path(question_id, checkpoint, fold), "adapter_config.json"))

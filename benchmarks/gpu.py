@@ -198,7 +198,8 @@ def time_training(df, tokenizer, base_model, precision, budget_s, warmup_steps, 
     reset_peak(device)
     try:
         # All rows as one question: one long run of the real training code, not 15 short ones.
-        train.train_question(int(df["QuestionId"].iloc[0]), df, Backbone(tokenizer, base_model, precision, device))
+        pooled = df.assign(QuestionId=df["QuestionId"].iloc[0])  # one split over all rows, as one question's
+        train.train_question(int(df["QuestionId"].iloc[0]), pooled, Backbone(tokenizer, base_model, precision, device))
         raise RuntimeError("train.train_question returned without evaluating")
     except TrainingTimed:
         pass

@@ -106,7 +106,7 @@ def test_prompt_lengths_are_those_of_encode_prompts(bench, prompt_lengths):
     assert stats["rows"] == len(lengths)
     assert stats["max_tokens"] == max(lengths)
     assert stats["mean_tokens"] == pytest.approx(sum(lengths) / len(lengths))
-    assert set(bench[1]["prompt_tokens"]) == {"create_prompt_v1", "create_prompt_v2"}
+    assert set(bench[1]["prompt_tokens"]) == {"create_prompt_v1", "create_prompt_v2", "create_prompt_global"}
 
 
 def test_padding_counts_every_token_once(bench, prompt_lengths):

@@ -80,7 +80,7 @@ def test_global_model_ranks_only_its_questions_labels(both_scopes, train_csv, ti
 
     submission = tmp_path / "submission.csv"
     assert submit.main(["--model", tiny_model, "--test-data", test_csv, "--output-dir", both_scopes["output_dir"],
-                        "--submission", str(submission), "--global-weight", "1"]) == 0
+                        "--submission", str(submission), "--global-weight", "1", "--questions", "31772,33471,109465"]) == 0
     test = read_csv(test_csv)
     ranked = dict(pd.read_csv(submission, keep_default_na=False, dtype=str).values)
     checked = 0
@@ -118,8 +118,9 @@ def test_init_from_predicts_what_the_global_model_predicts_before_any_step(both_
 
 
 def test_blend_is_the_weighted_mean_of_its_parts(both_scopes, tiny_model, test_csv):
+    # The final checkpoints: a best_map3 checkpoint may be the starting point itself, the global model.
     config.update({"OUTPUT_DIR": both_scopes["output_dir"], "MODEL_NAME": tiny_model, "QUESTION_IDS": QUESTIONS,
-                   "GLOBAL_WEIGHT": 0.3})
+                   "GLOBAL_WEIGHT": 0.3, "CHECKPOINT": "best"})
     test = read_csv(test_csv)
     rows = test[test["QuestionId"] == 33471]
     tokenizer = load_tokenizer(tiny_model)
@@ -133,8 +134,8 @@ def test_blend_is_the_weighted_mean_of_its_parts(both_scopes, tiny_model, test_c
             0.3 * global_part[1][:, global_part[0].index(label)] if label in global_part[0] else 0)
         np.testing.assert_allclose(blended[:, labels.index(label)], expected, atol=1e-12)
     assert not np.allclose(own, global_part[1][:, [global_part[0].index(label) for label in own_labels]], atol=1e-3)
-    ranked, how = submit.predict_group(predictor, 33471, rows, {33471: question_result}, global_part)
-    assert how == "model (2 folds) + global model (2 folds), global weight 0.3"
+    ranked, how, fallback = submit.predict_group(predictor, 33471, rows, {33471: question_result}, global_part)
+    assert how == "model (2 folds) + global model (2 folds), global weight 0.3" and fallback is None
     top = np.argsort(-(blended + 2.0 * np.array([[label.startswith("True_") == verdict for label in labels]
                                                   for verdict in correctness_of(rows)])), axis=1, kind="stable")[:, :3]
     assert ranked == [[labels[i] for i in row] for row in top]

@@ -94,7 +94,8 @@ def test_killed_worker_leaves_the_rest_complete_and_the_rerun_trains_only_what_i
     assert all(statuses[q] in ("succeeded", "skipped") for q in statuses if q not in failed)
     complete_before = {q: os.path.getmtime(f"{results}/question_{q}_results.json") for q in statuses if q not in failed}
 
-    rerun = subprocess.run([sys.executable, "train.py", *train_args(tiny_model, train_csv, tmp_path, "--questions", QUESTIONS)],
+    rerun = subprocess.run([sys.executable, "train.py", *train_args(tiny_model, train_csv, tmp_path, "--questions", QUESTIONS,
+                                                                    "--epochs", "20")],
                            cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     for q, mtime in complete_before.items():
@@ -107,8 +108,8 @@ def test_one_selected_gpu_trains_in_a_worker_pinned_to_it(fake_gpus, tiny_model,
     """In-process, the Trainer would wrap the model in DataParallel over every visible GPU."""
     fake_gpus({"Tesla T4": (7, 5), "Tesla T4 ": (7, 5)})
     calls = []
-    monkeypatch.setattr(train, "train_parallel", lambda df, questions, devices: calls.append(("workers", devices)))
-    monkeypatch.setattr(train, "train_questions", lambda df, questions, device: calls.append(("in-process", device)))
+    monkeypatch.setattr(train, "train_parallel", lambda df, questions, devices, progress: calls.append(("workers", devices)))
+    monkeypatch.setattr(train, "train_questions", lambda df, questions, device, progress: calls.append(("in-process", device)))
     train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--gpus", "1", "--workers", "1"))
     assert calls == [("workers", ["cuda:1"])]
 
@@ -119,9 +120,10 @@ def test_a_worker_pins_the_physical_gpu_behind_its_index(train_csv, monkeypatch)
     import torch
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,6")
     pinned = []
-    monkeypatch.setattr(train, "train_questions", lambda df, questions, device: pinned.append((os.environ["CUDA_VISIBLE_DEVICES"], device)))
+    monkeypatch.setattr(train, "train_questions",
+                        lambda df, questions, device, progress: pinned.append((os.environ["CUDA_VISIBLE_DEVICES"], device)))
     questions = queue.Queue()
     questions.put(None)
-    train.worker("cuda:1", torch.get_num_threads(), {**config.snapshot(), "TRAIN_DATA_PATH": train_csv}, questions)
+    train.worker("cuda:1", torch.get_num_threads(), {**config.snapshot(), "TRAIN_DATA_PATH": train_csv}, questions, queue.Queue())
     assert pinned == [("6", "cuda")]
     assert train.physical_gpu(0) == "6"  # inside the worker, its one GPU

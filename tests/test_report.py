@@ -58,7 +58,7 @@ def test_known_third_party_noise_is_gone(demo):
 
 def test_one_line_per_question_with_progress_and_the_closing_tables(demo):
     for question_id in QUESTIONS:
-        done = [line for line in demo["train"] if f"question {question_id} succeeded: MAP@3 best" in line]
+        done = [line for line in demo["train"] if f"question {question_id} succeeded: MAP@3 final" in line]
         assert len(done) == 1 and re.search(r"\[\d/4 models, [\d:]+ elapsed, about [\d:]+ left\]$", done[0]), done
     header = demo["train"].index(next(line for line in demo["train"] if line.startswith("question  rows")))
     summary = read_json(os.path.join(demo["output_dir"], "summary", "all_questions_summary.json"))
@@ -66,7 +66,8 @@ def test_one_line_per_question_with_progress_and_the_closing_tables(demo):
         entry = summary["per_question"][str(question_id)]
         assert line.split() == [str(question_id), "150", str(entry["num_classes"]), f"{entry['best_map3']:.4f}",
                                 f"{entry['final_map3']:.4f}", f"{entry['prior_map3']:.4f}", f"{entry['seconds']:.1f}", "succeeded"]
-    assert demo["train"][header + 3].startswith(f"overall (row-weighted, 300 validation rows): MAP@3 best {summary['overall_best_map3']:.4f}")
+    assert demo["train"][header + 3].startswith(f"overall (row-weighted, 300 validation rows): MAP@3 {summary['overall_final_map3']:.4f} "
+                                                f"(final checkpoint; best_map3 {summary['overall_best_map3']:.4f}, selected on these same rows)")
     predicted = [line.split() for line in demo["submit"] if re.match(r"\s*\d+\s+\d+\s+\S", line)]
     test_ids = set(pd.read_csv(os.path.join(demo["output_dir"], "inputs", "test.csv"))["QuestionId"])
     assert [int(row[0]) for row in predicted] == sorted(test_ids)
@@ -82,9 +83,9 @@ def test_pictures_have_one_panel_per_trained_question_and_a_line_per_fold(demo, 
     results = read_question_results(QUESTIONS)
     summary = read_json(os.path.join(summary_dir, "all_questions_summary.json"))
     bars = report.plot_map3_by_question(results, summary, str(tmp_path / "check.png"))
-    ordered = sorted(QUESTIONS, key=lambda q: results[q]["best_map3"])
+    ordered = sorted(QUESTIONS, key=lambda q: results[q]["final_map3"])
     assert [label.get_text() for label in bars.axes[0].get_yticklabels()] == [str(q) for q in ordered]
-    assert [text.get_text() for text in bars.axes[0].texts][:2] == [f"{results[q]['best_map3']:.3f}" for q in ordered]
+    assert [text.get_text() for text in bars.axes[0].texts][:2] == [f"{results[q]['final_map3']:.3f}" for q in ordered]
     curves = report.plot_learning_curves(results, str(tmp_path / "check.png"))
     panels = [axis for axis in curves.axes if axis.get_title()]
     assert sorted(axis.get_title().split(":")[0] for axis in panels) == sorted(map(str, QUESTIONS))
