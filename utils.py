@@ -439,6 +439,11 @@ def load_adapter(base_model, adapter_dir, num_labels):
     if not heads or any(value.shape[0] != num_labels for value in heads.values()):
         raise ValueError(f"{adapter_dir}: head does not have {num_labels} outputs")
     model = attach_lora(base_model, lora_config, num_labels, trainable=False)
+    return load_weights(model, state_dict, adapter_dir).eval()
+
+
+def load_weights(model, state_dict, adapter_dir):
+    """Load a saved adapter's weights into the attached model; on any failure the base model is left clean."""
     try:
         result = set_peft_model_state_dict(model, state_dict)
         if result.unexpected_keys:
@@ -446,7 +451,7 @@ def load_adapter(base_model, adapter_dir, num_labels):
     except Exception:
         model.unload()
         raise
-    return model.eval()
+    return model
 
 
 def attach_lora_from(base_model, adapter_dir, head_rows):
@@ -460,14 +465,7 @@ def attach_lora_from(base_model, adapter_dir, head_rows):
     lora_config.inference_mode = False
     rows = torch.as_tensor(head_rows, dtype=torch.long)
     state_dict = {key: value[rows] if key.split(".")[-2] in HEAD_NAMES else value for key, value in state_dict.items()}
-    model = attach_lora(base_model, lora_config, len(head_rows))
-    try:
-        result = set_peft_model_state_dict(model, state_dict)
-        if result.unexpected_keys:
-            raise ValueError(f"{adapter_dir}: unexpected weights {result.unexpected_keys[:3]}")
-    except Exception:
-        model.unload()
-        raise
+    model = load_weights(attach_lora(base_model, lora_config, len(head_rows)), state_dict, adapter_dir)
     for parameter in model.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
