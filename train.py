@@ -392,10 +392,10 @@ def global_start(init_dir, question_id, classes, fold):
     return os.path.join(folder, "best"), [result["classes"].index(label) for label in classes]
 
 
-def model_data(rows, classes, tokenizer, question_classes=None):
-    """(ModelData of `rows` over `classes`, prompt statistics); `question_classes` restricts each row to its
-    question's labels (the global model)."""
-    labels = np.searchsorted(classes, training_targets(rows, config.LABEL_SPACE).to_numpy())
+def model_data(rows, targets, classes, tokenizer, question_classes=None):
+    """(ModelData of `rows` with their training `targets` over `classes`, prompt statistics); `question_classes`
+    restricts each row to its question's labels (the global model)."""
+    labels = np.searchsorted(classes, targets.to_numpy())
     train_labels, trainable = resolve_duplicates(text_groups(rows), labels, config.DUPLICATES)
     input_ids, prompt_stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
     allowed = None if question_classes is None else allowed_classes(rows["QuestionId"], classes, question_classes)
@@ -419,7 +419,7 @@ def train_question(question_id, rows, backbone):
     if question_id == config.GLOBAL:
         question_classes = {str(q): sorted(set(group)) for q, group in targets.groupby(rows["QuestionId"])}
         result["question_classes"] = question_classes
-    data, prompt_stats = model_data(rows, classes, backbone.tokenizer, question_classes)
+    data, prompt_stats = model_data(rows, targets, classes, backbone.tokenizer, question_classes)
     splits = model_splits(rows, config.FOLDS, config.SEED)
     log.info("%s: %d rows, %d classes, %s; prompt tokens mean %.0f p95 %.0f max %d, context shortened in %d rows",
              "global model" if question_id == config.GLOBAL else f"question {question_id}", len(rows), len(classes),
