@@ -54,11 +54,25 @@ PROMPTS = {builder.__name__: builder for builder in (create_prompt_v1, create_pr
 GLOBAL_PROMPT_VERSION = "create_prompt_global"
 
 
-def render(text, tokenizer):
-    """Wrap text in the tokenizer's chat template when it has one (Qwen3), else keep it plain (BERT)."""
-    if getattr(tokenizer, "chat_template", None):
+def render(texts, tokenizer):
+    """Each text wrapped in the tokenizer's chat template when it has one (Qwen3), else kept plain (BERT).
+
+    The template is rendered once, around a marker, and each text put in its place: Jinja costs about as
+    much per row as tokenizing. A template that changes the text it wraps (strips it, say) is rendered row
+    by row, so the result is always what apply_chat_template gives.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return list(texts)
+
+    def wrap(text):
         return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False)
-    return text
+
+    marker = "\ue000"  # a private-use character no prompt holds
+    head, _, tail = wrap(marker).partition(marker)
+    probe = " \n{{ probe }} <|im_end|>\n "
+    if wrap(probe) != head + probe + tail:
+        return [wrap(text) for text in texts]
+    return [head + text + tail for text in texts]
 
 
 def encode_prompts(df, tokenizer, version, max_len):
@@ -78,7 +92,7 @@ def encode_prompts(df, tokenizer, version, max_len):
         if not pending:
             break
         last = level == builder.levels - 1
-        texts = [render(builder(rows[i], level), tokenizer) for i in pending]
+        texts = render([builder(rows[i], level) for i in pending], tokenizer)
         still_long = []
         # A chat template already writes the special tokens (a Llama or Gemma template its BOS): none added twice.
         for i, ids in zip(pending, tokenizer(texts, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]):

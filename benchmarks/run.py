@@ -390,9 +390,10 @@ def measure(args, work_dir):
 
 
 def main(argv=None):
-    config.update({"QUESTION_IDS": DEFAULT_QUESTIONS})
     default_model = config.MODEL_NAME
     args = config.parse_args(__doc__.splitlines()[0], "run", argv, extra_arguments=extra_arguments)
+    if "QUESTION_IDS" not in config.GIVEN:
+        config.update({"QUESTION_IDS": DEFAULT_QUESTIONS})
     args.model_given = config.MODEL_NAME != default_model
     setup_logging()
     # The tables are the output: train.py's and submit.py's progress would only bury them.

@@ -140,3 +140,17 @@ def test_a_chat_template_that_writes_the_bos_token_gets_no_second_one():
     assert bos_adding("a third")["input_ids"][0] == 0
     ids, _ = encode_prompts(rows(["a third"]), bos_adding, "create_prompt_v1", 300)
     assert ids[0][0] == 0 and ids[0].count(0) == 1
+
+
+@pytest.mark.parametrize("template", [None, "{% for message in messages %}[{{ message['content'] | trim }}]{% endfor %}"])
+def test_prompts_render_as_apply_chat_template_does(tokenizer, template):
+    """One render of the template around a marker gives what rendering every row gives; a template that changes
+    the text (here: trims it) is rendered row by row."""
+    from prompts import render
+    if template:
+        tokenizer = AutoTokenizer.from_pretrained(qwen_tokenizer_dir())
+        tokenizer.chat_template = template
+    texts = ["Answer: 3\nExplanation: a third", "  spaces around  ", "{{ jinja }} {% raw %}", "<|im_end|> x", ""]
+    expected = [tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False) for text in texts]
+    assert render(texts, tokenizer) == expected
+    assert (expected[1] == "[spaces around]") == bool(template)
