@@ -139,11 +139,12 @@ def training_table(summary):
                      f"best_map3 {score_text(entry.get('best_map3'))}) over {entry.get('val_rows')} validation rows; "
                      f"{seconds_text(entry.get('seconds') or 0)} of training")
     lines += [f"question {q} failed: {entry['error']}" for q, entry in summary["per_question"].items() if entry["status"] == "failed"]
-    lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 {score_text(summary['overall_final_map3'])} "
-                 f"(final checkpoint; best_map3 {score_text(summary['overall_best_map3'])}, selected on these same rows), "
-                 f"label prior {score_text(summary.get('overall_prior_map3'))}; "
-                 f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped, "
-                 f"{len(summary['missing'])} missing; {seconds_text(summary['seconds'])} of training")
+    if summary["per_question"] or not summary.get("global"):  # a global-only run has no per-question overall
+        lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 {score_text(summary['overall_final_map3'])} "
+                     f"(final checkpoint; best_map3 {score_text(summary['overall_best_map3'])}, selected on these same rows), "
+                     f"label prior {score_text(summary.get('overall_prior_map3'))}; "
+                     f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped, "
+                     f"{len(summary['missing'])} missing; {seconds_text(summary['seconds'])} of training")
     return "\n".join(lines)
 
 

@@ -101,3 +101,19 @@ def test_summary_json_keeps_its_keys_and_adds_the_prior(demo):
     assert 0 < summary["overall_prior_map3"] < summary["overall_best_map3"]
     question = json.load(open(os.path.join(demo["output_dir"], "summary", f"question_{QUESTIONS[0]}_results.json")))
     assert 0 < question["prior_map3"] < 1
+
+
+def test_a_global_only_run_closes_with_the_global_line_alone():
+    """Without question models the per-question overall (0 rows, every question 'missing') would only mislead."""
+    summary = {"per_question": {}, "missing": [31772, 31774], "val_rows": 0, "overall_final_map3": None,
+               "overall_best_map3": None, "overall_prior_map3": None, "succeeded": 0, "failed": 0, "skipped": 0,
+               "seconds": 0, "global": {"status": "succeeded", "final_map3": 0.91, "best_map3": 0.915, "val_rows": 500,
+                                        "seconds": 60, "per_question_final_map3": {"31772": 0.93, "31774": 0.85}}}
+    lines = report.training_table(summary).splitlines()
+    assert lines[-1].startswith("global model succeeded: MAP@3 0.9100") and "500 validation rows" in lines[-1]
+    assert not any(line.startswith("overall") for line in lines)
+    assert [line.split()[-2:] for line in lines if line.lstrip().startswith(("31772", "31774"))] == [["global", "model"]] * 2
+    summary["per_question"] = {"31772": {"status": "succeeded", "rows": 10, "num_classes": 3, "best_map3": 0.9,
+                                         "final_map3": 0.9, "prior_map3": 0.8, "seconds": 1.0}}
+    summary.update(missing=[31774], val_rows=2, succeeded=1, overall_final_map3=0.9, overall_best_map3=0.9)
+    assert report.training_table(summary).splitlines()[-1].startswith("overall (row-weighted, 2 validation rows): MAP@3 0.9000")
