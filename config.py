@@ -134,7 +134,7 @@ setting("MERGE_LORA", True, "--merge-lora",
 setting("ALLOW_FALLBACK", False, "--allow-fallback",
         "exit 0 even when a question with a trained model (or without training results) was predicted by label "
         "frequencies", "submit")
-setting("GLOBAL_WEIGHT", 0.5, "--global-weight",
+setting("GLOBAL_WEIGHT", 0.25, "--global-weight",
         "weight of the global model where both it and a question's model exist (0: question models only, 1: global only)",
         "submit")
 
