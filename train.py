@@ -564,14 +564,18 @@ def write_summary(question_ids):
     return summary
 
 
-def models_to_train(df, question_id):
-    """Models a run fits for this question (or GLOBAL): none when its results are complete or it has one class,
-    else FOLDS."""
-    if not config.OVERWRITE and is_complete(question_id):
-        return 0
+def models_to_fit(df, question_id):
+    """Models that training this question (or GLOBAL) fits: none for a question with one class, else FOLDS."""
     if question_id == config.GLOBAL:
         return config.FOLDS
     return config.FOLDS if df.loc[df["QuestionId"] == question_id, TARGET_COLUMN].nunique() > 1 else 0
+
+
+def models_to_train(df, question_id):
+    """Models a run fits for this question (or GLOBAL): none when its results are complete, else models_to_fit."""
+    if not config.OVERWRITE and is_complete(question_id):
+        return 0
+    return models_to_fit(df, question_id)
 
 
 def settings_groups(results):
@@ -602,10 +606,10 @@ def train_questions(df, question_ids, device, progress):
     backbone = None
     MapTrainer.progress = progress
     for question_id in question_ids:
-        models = models_to_train(df, question_id)  # before training: it completes the question
         if not config.OVERWRITE and is_complete(question_id):
             log.info("%s: results complete, skipping (use --overwrite to retrain)", question_id)
             continue
+        models = models_to_fit(df, question_id)
         if backbone is None:
             backbone = load_backbone(config.MODEL_NAME, device)
         if question_id == config.GLOBAL:

@@ -465,11 +465,7 @@ def attach_lora_from(base_model, adapter_dir, head_rows):
     lora_config.inference_mode = False
     rows = torch.as_tensor(head_rows, dtype=torch.long)
     state_dict = {key: value[rows] if key.split(".")[-2] in HEAD_NAMES else value for key, value in state_dict.items()}
-    model = load_weights(attach_lora(base_model, lora_config, len(head_rows)), state_dict, adapter_dir)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
-    return model
+    return load_weights(attach_lora(base_model, lora_config, len(head_rows)), state_dict, adapter_dir)
 
 
 @contextlib.contextmanager
