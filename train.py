@@ -87,13 +87,15 @@ def class_weights(labels, num_classes, power):
     return torch.tensor(weights / weights[labels].mean(), dtype=torch.float32)
 
 
-def training_loss(weights):
-    """Cross-entropy with class weights and label smoothing, normalised over the whole accumulated batch."""
+def training_loss(weights, rows_per_step):
+    """Cross-entropy with class weights and label smoothing, summed over the rows and divided by the nominal
+    rows per optimizer step (batch size x accumulation): the batches vary in size (LengthGroupedBatches), and
+    every row weighs the same wherever it lands."""
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"].float()
         total = F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=config.LABEL_SMOOTHING,
                                 reduction="sum")
-        return total / (num_items_in_batch if num_items_in_batch is not None else len(labels))
+        return total / rows_per_step
     return loss
 
 
@@ -203,7 +205,8 @@ class MapTrainer(Trainer):
         self.best_probs = self.last_probs = None
 
     def get_train_dataloader(self):
-        """Batches of rows of similar length in a shuffled order (LengthGroupedBatches), padded by the collator."""
+        """Batches of rows of similar length, of varying size, in a shuffled order (LengthGroupedBatches), padded by
+        the collator."""
         batches = LengthGroupedBatches([len(row["input_ids"]) for row in self.train_dataset], self.args.train_batch_size,
                                        self.args.seed)
         loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
@@ -309,7 +312,8 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, init=None)
             data_collator=build_data_collator(backbone.tokenizer, config.PAD_TO_MULTIPLE_OF),
             train_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.train_labels[i])} for i in train_idx],
             eval_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.labels[i])} for i in val_idx],
-            compute_loss_func=training_loss(class_weights(data.train_labels[train_idx], len(data.classes), config.CLASS_WEIGHT_POWER)),
+            compute_loss_func=training_loss(class_weights(data.train_labels[train_idx], len(data.classes), config.CLASS_WEIGHT_POWER),
+                                            config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS),
             # A head started from a trained model is not new: it learns at the LoRA rate.
             optimizers=(build_optimizer(model, 1.0 if init else config.HEAD_LR_MULTIPLIER), None),
             data=data,

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import config
+from data_collator import padding_batch_sizes, sorted_batches
 from prompt_utils import CATEGORIES, answer_is_correct
 
 log = logging.getLogger("map")
@@ -365,20 +366,22 @@ def in_fp32(model):
 
 @torch.inference_mode()
 def predict_logits(model, input_ids, collator, batch_size, precision):
-    """Logits for each row (in input order), batches built from rows sorted by length to minimise padding.
+    """Logits for each row (in input order), batches cut from rows sorted by length to minimise padding
+    (data_collator.padding_batch_sizes), the longest first: an out-of-memory error shows at once.
 
     A batch with non-finite logits (an fp16 overflow) is recomputed in fp32; still non-finite raises
     NonFiniteLogits.
     """
     device = next(model.parameters()).device
-    order = np.argsort([-len(ids) for ids in input_ids], kind="stable")
+    lengths = np.array([len(ids) for ids in input_ids], dtype=int)
+    order = np.argsort(lengths, kind="stable")
+    batches = sorted_batches(order, padding_batch_sizes(lengths[order], batch_size))
     was_training = model.training
     model.eval()
     outputs = np.zeros((len(input_ids), model.config.num_labels), dtype=np.float32)
     autocast = torch.autocast(device.type, dtype=TORCH_DTYPES[precision], enabled=precision != "fp32")
     try:
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
+        for rows in reversed(batches):
             batch = collator([{"input_ids": input_ids[i]} for i in rows]).to(device)
             with autocast:
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

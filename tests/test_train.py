@@ -219,14 +219,15 @@ def test_training_loss_matches_cross_entropy():
     import torch.nn.functional as F
     logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 2, 0])
-    unweighted = train.training_loss(torch.ones(3))
+    unweighted = train.training_loss(torch.ones(3), 5)
     assert unweighted({"logits": logits}, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
-    # Normalised by the accumulated batch's row count, so two half-batches sum to the full-batch mean.
-    halves = unweighted({"logits": logits[:2]}, labels[:2], 5) + unweighted({"logits": logits[2:]}, labels[2:], 5)
-    assert halves.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    # Divided by the nominal rows per step, not by the batch's own size: two batches of 2 and 3 rows (sizes vary
+    # with LengthGroupedBatches) sum to the mean over all 5, so every row weighs the same.
+    parts = unweighted({"logits": logits[:2]}, labels[:2], 2) + unweighted({"logits": logits[2:]}, labels[2:], 3)
+    assert parts.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
     weights = torch.tensor([2.0, 1.0, 0.5])
     expected = (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
-    assert train.training_loss(weights)({"logits": logits}, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert train.training_loss(weights, 5)({"logits": logits}, labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_duplicates_drop_trains_without_the_conflicting_rows(tiny_model, train_csv, tmp_path):
