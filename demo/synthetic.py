@@ -119,7 +119,14 @@ def make_synthetic_test(train_df, rows=60, seed=1):
 def prepare_demo(rows_per_question=150):
     """Point the config at generated data and a tiny model under DEMO_OUTPUT_DIR (made once, then reused)."""
     import config
+    from utils import InputError
 
+    # Silently replacing them would write where the user did not ask (--output-dir) or ignore their data.
+    replaced = [config.SETTINGS[name].flag for name in ("MODEL_NAME", "TRAIN_DATA_PATH", "TEST_DATA_PATH", "OUTPUT_DIR")
+                if name in config.GIVEN]
+    if replaced:
+        raise InputError(f"--demo makes its own model, data and outputs under --demo-output-dir "
+                         f"({config.DEMO_OUTPUT_DIR}); drop {', '.join(replaced)}")
     inputs = os.path.join(config.DEMO_OUTPUT_DIR, "inputs")
     train_path, test_path = os.path.join(inputs, "train.csv"), os.path.join(inputs, "test.csv")
     if not os.path.isfile(test_path):

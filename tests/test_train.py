@@ -179,6 +179,14 @@ def test_demo_keeps_settings_given_on_the_command_line(tmp_path, monkeypatch):
     assert config.OUTPUT_DIR == str(tmp_path) and os.path.isfile(config.TRAIN_DATA_PATH)
 
 
+def test_demo_refuses_an_output_dir_it_would_ignore(tmp_path, capsys):
+    code = train.main(["--demo", "--demo-output-dir", str(tmp_path / "demo"), "--output-dir", str(tmp_path / "mine")])
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --demo makes its own model") and error.endswith("drop --output-dir")
+    assert "\n" not in error and not (tmp_path / "demo").exists() and not (tmp_path / "mine").exists()
+
+
 def test_label_smoothing_raises_the_training_loss(tiny_model, train_csv, tmp_path):
     losses = {}
     for smoothing in ("0", "0.5"):
