@@ -149,8 +149,8 @@ def test_gpu_script_runs_tiny_on_cpu():
     assert set(result["precisions"]) == {"fp32", "fp16"}
     assert "skipped" in result["precisions"]["fp16"]  # fp16 autocast is a GPU path
     training, inference = result["precisions"]["fp32"]["train"], result["precisions"]["fp32"]["infer"]
-    # --tiny: 4 steps, the first one left out as warm-up.
-    assert training["steps"] == 3 and training["rows"] == 3 * 8
+    # --tiny: 4 steps, the first one left out as warm-up; batches of 8 / 4 to 2 x 8 rows (padding_batch_sizes).
+    assert training["steps"] == 3 and 3 * 2 <= training["rows"] <= 3 * 16
     assert 0 < training["padding_efficiency"] <= 1 and 0 < result["mfu"] < 1
     assert training["mfu_executed"] < training["mfu"]  # frozen weights get no weight gradients
     # LoRA r64 on q/k/v/o of the tiny config (hidden 64, 4 heads x 16, 2 kv heads x 16, 2 layers), and a head.
@@ -172,7 +172,7 @@ def test_gpu_script_reads_real_rows(train_csv):
     assert result["rows_source"] == train_csv and result["rows"] == 64
     assert result["prompt_tokens"]["rows"] == 64 and result["prompt_tokens"]["max_tokens"] <= config.MAX_LEN
     training = result["precisions"]["fp32"]["train"]
-    assert training["steps"] == 1 and training["rows"] == 8
+    assert training["steps"] == 1 and 2 <= training["rows"] <= 16  # one batch of 8 / 4 to 2 x 8 rows
 
 
 def test_baseline_scores_every_row_out_of_fold(train_csv, capsys, tmp_path):
