@@ -143,6 +143,8 @@ def predict_group(predictor, question_id, rows, results, global_part=None):
             parts.append((1 - config.GLOBAL_WEIGHT, part_labels, probs))
             used.append(models_used("model", models, results[question_id].get("folds", 1)))
         except Exception as error:
+            if global_part is None and config.GLOBAL_WEIGHT == 0:  # the global model was not run for this question
+                global_part = global_probabilities(predictor, rows).get(question_id)
             log.warning("question %s: model unusable (%s: %s); using %s", question_id, type(error).__name__, error,
                         "the global model" if global_part else "its label frequencies")
             why = MODEL_UNUSABLE
@@ -220,7 +222,12 @@ def predict(test_df, devices=None):
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
-    global_parts = global_probabilities(predictors[0], test_df)
+    # At --global-weight 0 the global model predicts only questions without a model of their own (and, from
+    # predict_group, those whose model turns out unusable).
+    without_own_model = [qid for qid, _ in groups if qid not in config.QUESTION_IDS
+                         or results.get(qid, {}).get("status") != "succeeded"]
+    global_rows = test_df if config.GLOBAL_WEIGHT > 0 else test_df[test_df["QuestionId"].isin(without_own_model)]
+    global_parts = global_probabilities(predictors[0], global_rows)
     predictions, done, fallbacks = {}, [], {}
     bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
 

@@ -141,6 +141,43 @@ def test_blend_is_the_weighted_mean_of_its_parts(both_scopes, tiny_model, test_c
     assert ranked == [[labels[i] for i in row] for row in top]
 
 
+def test_at_global_weight_0_the_global_model_predicts_only_questions_without_a_usable_model(
+        both_scopes, tiny_model, test_csv, tmp_path, monkeypatch):
+    predicted = []  # (model, questions of the rows it was given)
+    probabilities = submit.Predictor.probabilities
+
+    def recorded(self, question_id, rows, result):
+        predicted.append((question_id, set(rows["QuestionId"])))
+        return probabilities(self, question_id, rows, result)
+
+    monkeypatch.setattr(submit.Predictor, "probabilities", recorded)
+    argv = ["--model", tiny_model, "--test-data", test_csv, "--output-dir", both_scopes["output_dir"],
+            "--questions", ",".join(map(str, QUESTIONS))]
+
+    def global_runs(*extra):
+        predicted.clear()
+        path = tmp_path / f"submission{len(list(tmp_path.iterdir()))}.csv"
+        assert submit.main(argv + ["--submission", str(path), *extra]) == 0
+        written = pd.read_csv(path, keep_default_na=False, dtype=str).set_index("row_id")
+        return [questions for model, questions in predicted if model == config.GLOBAL], written
+
+    runs, _ = global_runs("--global-weight", "0")
+    assert runs == [{SINGLE_CLASS_QUESTION}]  # the one question without a model of its own
+    _, global_only = global_runs("--global-weight", "1")
+    load_adapter = submit.load_adapter
+
+    def broken_for_33471(base_model, path, num_labels):
+        if "question_33471" in path:
+            raise OSError(f"{path}: unreadable")
+        return load_adapter(base_model, path, num_labels)
+
+    monkeypatch.setattr(submit, "load_adapter", broken_for_33471)
+    runs, written = global_runs("--global-weight", "0")
+    assert runs == [{SINGLE_CLASS_QUESTION}, {33471}]
+    rows = read_csv(test_csv).query("QuestionId == 33471")["row_id"]
+    assert written.loc[rows].equals(global_only.loc[rows])
+
+
 def test_suffix_labels_take_their_prefix_from_the_answers_correctness():
     classes = ["Correct:NA", "Misconception:WNB", "Neither:NA"]
     logits = np.log([[0.6, 0.3, 0.1]] * 3)
