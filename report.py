@@ -82,18 +82,32 @@ class QueuedProgress(RunProgress):
 
 
 class StepBar(TrainerCallback):
-    """One model's bar over its optimizer steps (terminal only); the model counts as done when training ends."""
+    """One model's progress over its optimizer steps: a bar on a terminal, otherwise a line at most every
+    LINE_SECONDS (a long model, such as the global one, would else print nothing between its evaluations). The
+    model counts as done when training ends."""
+    LINE_SECONDS = 60
 
     def __init__(self, progress):
         self.progress = progress
         self.bar = None
+        self.started = self.last_line = 0.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.bar = tqdm(total=state.max_steps, unit="step", desc="steps", leave=False, dynamic_ncols=True,
                         disable=not self.progress.bars)
+        self.started = self.last_line = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.bar.update(1)
+        now = time.time()
+        if self.progress.bars or now - self.last_line < self.LINE_SECONDS or state.global_step >= state.max_steps:
+            return
+        self.last_line = now
+        elapsed = now - self.started
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        left = elapsed / state.global_step * (state.max_steps - state.global_step)
+        log.info("step %d/%d, training loss %s, %s elapsed, about %s left", state.global_step, state.max_steps,
+                 score_text(losses[-1] if losses else None), seconds_text(elapsed), seconds_text(left))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import pandas as pd
 import pytest
@@ -117,3 +118,22 @@ def test_a_global_only_run_closes_with_the_global_line_alone():
                                          "final_map3": 0.9, "prior_map3": 0.8, "seconds": 1.0}}
     summary.update(missing=[31774], val_rows=2, succeeded=1, overall_final_map3=0.9, overall_best_map3=0.9)
     assert report.training_table(summary).splitlines()[-1].startswith("overall (row-weighted, 2 validation rows): MAP@3 0.9000")
+
+
+def test_without_bars_a_long_model_logs_its_steps_once_a_minute(monkeypatch, caplog):
+    clock = [1000.0]
+    monkeypatch.setattr(report.time, "time", lambda: clock[0])
+    progress = report.RunProgress(1, bars=False)
+    steps = report.StepBar(progress)
+    state = types.SimpleNamespace(global_step=0, max_steps=100, log_history=[])
+    steps.on_train_begin(None, state, None)
+    with caplog.at_level("INFO", logger=report.log.name):
+        for step in range(1, 101):  # 1.5 s a step: a line at steps 40, 80 (not at the last step)
+            clock[0] += 1.5
+            state.global_step = step
+            if step % 10 == 0:
+                state.log_history.append({"loss": 1.0 / step, "step": step})
+            steps.on_step_end(None, state, None)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["step 40/100, training loss 0.0250, 01:00 elapsed, about 01:30 left",
+                     "step 80/100, training loss 0.0125, 02:00 elapsed, about 00:30 left"]
