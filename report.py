@@ -19,6 +19,11 @@ def seconds_text(seconds):
     return tqdm.format_interval(seconds)
 
 
+def time_left(elapsed, done, total):
+    """The rest of the work at the pace so far, as text."""
+    return seconds_text(elapsed / done * (total - done))
+
+
 def score_text(value):
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
@@ -59,7 +64,7 @@ class RunProgress:
             log.info(line)
             return
         elapsed = time.time() - self.started
-        left = f"about {seconds_text(elapsed / self.done * (self.total - self.done))} left" if self.done else "time left unknown"
+        left = f"about {time_left(elapsed, self.done, self.total)} left" if self.done else "time left unknown"
         log.info("%s [%d/%d models, %s elapsed, %s]", line, self.done, self.total, seconds_text(elapsed), left)
 
     def close(self):
@@ -104,10 +109,9 @@ class StepBar(TrainerCallback):
             return
         self.last_line = now
         elapsed = now - self.started
-        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
-        left = elapsed / state.global_step * (state.max_steps - state.global_step)
+        loss = next((entry["loss"] for entry in reversed(state.log_history) if "loss" in entry), None)
         log.info("step %d/%d, training loss %s, %s elapsed, about %s left", state.global_step, state.max_steps,
-                 score_text(losses[-1] if losses else None), seconds_text(elapsed), seconds_text(left))
+                 score_text(loss), seconds_text(elapsed), time_left(elapsed, state.global_step, state.max_steps))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()

@@ -222,11 +222,10 @@ def predict(test_df, devices=None):
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
-    # At --global-weight 0 the global model predicts only questions without a model of their own (and, from
-    # predict_group, those whose model turns out unusable).
-    without_own_model = [qid for qid, _ in groups if qid not in config.QUESTION_IDS
-                         or results.get(qid, {}).get("status") != "succeeded"]
-    global_rows = test_df if config.GLOBAL_WEIGHT > 0 else test_df[test_df["QuestionId"].isin(without_own_model)]
+    global_rows = test_df
+    if config.GLOBAL_WEIGHT == 0:  # the global model only stands in for questions without a model of their own
+        own_model = [qid for qid in config.QUESTION_IDS if results.get(qid, {}).get("status") == "succeeded"]
+        global_rows = test_df[~test_df["QuestionId"].isin(own_model)]  # predict_group adds unusable ones
     global_parts = global_probabilities(predictors[0], global_rows)
     predictions, done, fallbacks = {}, [], {}
     bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
