@@ -183,35 +183,55 @@ def pyplot():
     return plt
 
 
-def plot_map3_by_question(results, summary, path):
+def plot_map3_by_question(results, summary, path, global_result=None):
     """Bars of validation MAP@3 per trained question, best at the top, each with its label prior's score
-    beside it; the axis starts near the lowest score so that 0.93 and 0.98 look different. Returns the figure."""
+    beside it; the axis starts near the lowest score so that 0.93 and 0.98 look different. A global model marks
+    its score on each question's rows (bars of their own when no question has a model). Returns the figure."""
     plt = pyplot()
     from matplotlib.ticker import MultipleLocator
 
-    trained = sorted((r for r in results.values() if r["status"] == "succeeded"), key=lambda r: r["final_map3"])
-    model = np.array([r["final_map3"] for r in trained])
-    best = np.array([r["best_map3"] for r in trained])
-    prior = np.array([np.nan if r.get("prior_map3") is None else r["prior_map3"] for r in trained])
-    left = max(0.0, math.floor((np.nanmin(np.concatenate([model, best, prior])) - 0.03) * 20) / 20)
-    y = np.arange(len(trained))
-    figure, axis = plt.subplots(figsize=(7, 1.6 + 0.38 * len(trained)))
-    bars = axis.barh(y + 0.2, model, height=0.4, color="tab:blue", label="model (final checkpoint)")
-    axis.scatter(best, y + 0.2, color="black", marker="|", s=120, zorder=3,
-                 label="best_map3 (checkpoint selected on these same rows)")
-    prior_bars = axis.barh(y - 0.2, prior, height=0.4, color="0.8", label="label prior (labels ranked by training frequency)")
-    axis.bar_label(bars, fmt="%.3f", padding=-30, fontsize=8, color="white")  # inside the bar, clear of the lines
-    axis.bar_label(prior_bars, fmt="%.3f", padding=2, fontsize=7, color="0.35",
-                   bbox=dict(facecolor="white", edgecolor="none", pad=0.3))
-    overall, overall_prior = summary["overall_final_map3"], summary.get("overall_prior_map3")
+    trained = [r for r in results.values() if r["status"] == "succeeded"]
+    global_scores = {}
+    if global_result and global_result["status"] == "succeeded":
+        global_scores = {int(q): score for q, score in global_result.get("per_question_final_map3", {}).items()}
+    if trained:
+        bars = [(r["question_id"], r["final_map3"], r["best_map3"], r.get("prior_map3")) for r in trained]
+        overall, overall_prior, folds = summary["overall_final_map3"], summary.get("overall_prior_map3"), trained[0].get("folds", 1)
+        model_label = "model (final checkpoint)"
+    else:  # the global model alone: its score on each question's rows; best_map3 and priors are its overall ones
+        bars = [(question_id, score, None, None) for question_id, score in global_scores.items()]
+        overall, overall_prior, folds = global_result["final_map3"], global_result.get("prior_map3"), global_result.get("folds", 1)
+        model_label, global_scores = "global model (final checkpoint)", {}
+    bars.sort(key=lambda bar: bar[1])
+    model, best, prior = (np.array([np.nan if bar[i] is None else bar[i] for bar in bars], dtype=float) for i in (1, 2, 3))
+    marks = np.array([global_scores.get(bar[0], np.nan) for bar in bars], dtype=float)
+    lowest = np.nanmin(np.concatenate([model, best, prior, marks, [np.nan if overall_prior is None else overall_prior]]))
+    left = max(0.0, math.floor((lowest - 0.03) * 20) / 20)
+    y = np.arange(len(bars))
+    has_prior = not np.isnan(prior).all()
+    row = 0.2 if has_prior else 0.0  # the model's bar above its prior's, or alone in the middle of its row
+    figure, axis = plt.subplots(figsize=(7, 1.6 + 0.38 * len(bars)))
+    model_bars = axis.barh(y + row, model, height=0.4 if has_prior else 0.6, color="tab:blue", label=model_label)
+    if not np.isnan(best).all():
+        axis.scatter(best, y + row, color="black", marker="|", s=120, zorder=3,
+                     label="best_map3 (checkpoint selected on these same rows)")
+    if not np.isnan(marks).all():
+        axis.scatter(marks, y + row, color="tab:orange", edgecolor="black", linewidth=0.5, marker="D", s=22, zorder=4,
+                     label="global model on the question's rows")
+    # In the middle of the bar, clear of the marks and lines near its end.
+    axis.bar_label(model_bars, fmt="%.3f", label_type="center", fontsize=8, color="white")
+    if has_prior:
+        prior_bars = axis.barh(y - 0.2, prior, height=0.4, color="0.8", label="label prior (labels ranked by training frequency)")
+        axis.bar_label(prior_bars, fmt="%.3f", padding=2, fontsize=7, color="0.35",
+                       bbox=dict(facecolor="white", edgecolor="none", pad=0.3))
     axis.axvline(overall, color="tab:red", linestyle="--", linewidth=1, label=f"overall {overall:.4f} (final checkpoint, row-weighted)")
     if overall_prior is not None:
         axis.axvline(overall_prior, color="0.4", linestyle=":", linewidth=1, label=f"overall label prior {overall_prior:.4f}")
-    axis.set_yticks(y, [str(r["question_id"]) for r in trained])
+    axis.set_yticks(y, [str(bar[0]) for bar in bars])
     axis.set_xlim(left, 1.0)
     axis.xaxis.set_major_locator(MultipleLocator(0.05 if 1 - left <= 0.3 else 0.1))
-    axis.set_ylim(-0.6, len(trained) - 0.4)
-    scored = "out-of-fold" if trained[0].get("folds", 1) > 1 else "validation"
+    axis.set_ylim(-0.6, len(bars) - 0.4)
+    scored = "out-of-fold" if folds > 1 else "validation"
     axis.set_xlabel(f"{scored} MAP@3 (the axis starts at {left:.2f})")
     axis.set_ylabel("QuestionId")
     axis.set_title(f"{scored.capitalize()} MAP@3 by question", pad=44)
@@ -235,20 +255,21 @@ def evaluations(question_id, result):
     return curves
 
 
-def plot_learning_curves(results, path, columns=5):
-    """Small multiples, one panel per trained question: validation MAP@3 (solid, left axis) and loss (dashed,
-    right axis) against the step, one colour per fold, the label prior dotted. Returns the figure."""
+def plot_learning_curves(results, path, global_result=None, columns=5):
+    """Small multiples, one panel per trained model (the global one first): validation MAP@3 (solid, left axis)
+    and loss (dashed, right axis) against the step, one colour per fold, the label prior dotted. Returns the figure."""
     plt = pyplot()
     from matplotlib.lines import Line2D
 
-    trained = [r for r in results.values() if r["status"] == "succeeded"]
+    trained = [r for r in [global_result, *results.values()] if r and r["status"] == "succeeded"]
     curves = {r["question_id"]: evaluations(r["question_id"], r) for r in trained}
     scores = [score for folds in curves.values() for _, map3, _ in folds for score in map3]
     scores += [r["prior_map3"] for r in trained if r.get("prior_map3") is not None]
     low = math.floor(min(scores, default=0) * 10) / 10
     columns = min(columns, len(trained))
     rows = math.ceil(len(trained) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 1.9 * rows), squeeze=False)
+    width = max(2.6 * columns, 7.0)  # room for the legend above a single panel (a global model alone)
+    figure, axes = plt.subplots(rows, columns, figsize=(width, 1.9 * rows), squeeze=False)
     for axis, result in zip(axes.flat, trained):
         loss_axis = axis.twinx()
         for fold, (steps, map3, loss) in enumerate(curves[result["question_id"]]):
@@ -275,7 +296,7 @@ def plot_learning_curves(results, path, columns=5):
                Line2D([], [], color="0.4", linestyle=":", label="label prior MAP@3")]
     if folds > 1:
         handles += [Line2D([], [], color=f"C{fold}", label=f"fold {fold}") for fold in range(folds)]
-    per_row = max(2, min(len(handles), int(2.6 * columns / 1.9)))  # legend entries are about 1.9 inches wide
+    per_row = max(2, min(len(handles), int(width / 1.9)))  # legend entries are about 1.9 inches wide
     legend_rows = math.ceil(len(handles) / per_row)
     figure.set_figheight(1.9 * rows + 0.3 + 0.22 * legend_rows)
     figure.legend(handles=handles, loc="upper center", ncol=per_row, fontsize=8, frameon=False)
@@ -286,9 +307,9 @@ def plot_learning_curves(results, path, columns=5):
     return figure
 
 
-def plot_summary(results, summary):
-    """summary/map3_by_question.png and summary/learning_curves.png from the question results."""
-    if not any(r["status"] == "succeeded" for r in results.values()):
+def plot_summary(results, summary, global_result=None):
+    """summary/map3_by_question.png and summary/learning_curves.png from the question results and the global one."""
+    if not any(r and r["status"] == "succeeded" for r in [global_result, *results.values()]):
         return
-    plot_map3_by_question(results, summary, os.path.join(config.get_summary_dir(), "map3_by_question.png"))
-    plot_learning_curves(results, os.path.join(config.get_summary_dir(), "learning_curves.png"))
+    plot_map3_by_question(results, summary, os.path.join(config.get_summary_dir(), "map3_by_question.png"), global_result)
+    plot_learning_curves(results, os.path.join(config.get_summary_dir(), "learning_curves.png"), global_result)

@@ -564,7 +564,7 @@ def write_summary(question_ids):
             "status", "best_map3", "final_map3", "val_rows", "seconds", "error", "per_question_final_map3")}
     log_settings_groups(summary["training_settings"])
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
-    report.plot_summary(results, summary)
+    report.plot_summary(results, summary, global_result)
     return summary
 
 

@@ -1,5 +1,6 @@
 """Learning across questions: the global model, per-question models started from it, blends, label spaces."""
 import os
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -7,13 +8,14 @@ import pytest
 from peft import LoraConfig, TaskType
 
 import config
+import report
 import submit
 import train
 from conftest import SINGLE_CLASS_QUESTION, train_args
 from data_collator import build_data_collator
 from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
 from utils import (TORCH_DTYPES, attach_lora, attach_lora_from, blend_probabilities, correctness_of, label_probabilities,
-                   label_suffix, load_base_model, load_tokenizer, predict_logits, read_json)
+                   label_suffix, load_base_model, load_tokenizer, predict_logits, read_json, read_question_results)
 
 QUESTIONS = [31772, 33471, SINGLE_CLASS_QUESTION]
 
@@ -66,6 +68,46 @@ def test_out_of_fold_files_of_both_scopes_line_up(both_scopes):
         own = read_oof(os.path.join(both_scopes["output_dir"], f"question_{question_id}", "oof_best.csv"))
         assert global_oof.loc[own.index, "fold"].tolist() == own["fold"].tolist()
         assert set(own["fold"]) == {0, 1}
+
+
+def panel_titles(figure):
+    return [axis.get_title() for axis in figure.axes if axis.get_title()]
+
+
+def test_summary_pictures_show_the_global_model(both_scopes, tmp_path):
+    """Its learning curve (the one to watch before choosing its --epochs) and its score on each question's rows."""
+    global_result = results(both_scopes["output_dir"], config.GLOBAL)
+    headline = f"global: final {global_result['final_map3']:.3f} (best {global_result['best_map3']:.3f})"
+    per_question = {int(q): score for q, score in global_result["per_question_final_map3"].items()}
+    assert set(per_question) == set(QUESTIONS)
+    # A run with the global model alone: train.py's summary draws both pictures from it.
+    alone = tmp_path / "alone"
+    shutil.copytree(os.path.join(both_scopes["output_dir"], "global"), alone / "global")
+    os.makedirs(alone / "summary")
+    shutil.copy(os.path.join(both_scopes["output_dir"], "summary", "global_results.json"), alone / "summary")
+    config.update({"OUTPUT_DIR": str(alone)})
+    summary = train.write_summary(QUESTIONS)
+    assert sorted(os.listdir(alone / "summary")) == ["all_questions_summary.json", "global_results.json",
+                                                     "learning_curves.png", "map3_by_question.png"]
+    curves = report.plot_learning_curves({}, str(tmp_path / "check.png"), global_result)
+    assert panel_titles(curves) == [headline]
+    folds = [line for line in curves.axes[0].get_lines() if line.get_linestyle() == "-" and line.get_marker() == "None"]
+    assert len(folds) == 2 and all(len(line.get_xdata()) > 1 for line in folds)
+    bars = report.plot_map3_by_question({}, summary, str(tmp_path / "check.png"), global_result)
+    ordered = sorted(per_question, key=per_question.get)
+    assert [label.get_text() for label in bars.axes[0].get_yticklabels()] == list(map(str, ordered))
+    assert [patch.get_width() for patch in bars.axes[0].patches] == pytest.approx([per_question[q] for q in ordered])
+    # With per-question models as well: the global panel first, and a mark at its score on each question's rows.
+    config.update({"OUTPUT_DIR": both_scopes["output_dir"]})
+    own = read_question_results(QUESTIONS)
+    trained = sorted((q for q in QUESTIONS if own[q]["status"] == "succeeded"), key=lambda q: own[q]["final_map3"])
+    curves = report.plot_learning_curves(own, str(tmp_path / "check.png"), global_result)
+    assert panel_titles(curves)[0] == headline
+    assert sorted(title.split(":")[0] for title in panel_titles(curves)[1:]) == sorted(map(str, trained))
+    summary = read_json(os.path.join(both_scopes["output_dir"], "summary", "all_questions_summary.json"))
+    bars = report.plot_map3_by_question(own, summary, str(tmp_path / "check.png"), global_result)
+    marks = next(c for c in bars.axes[0].collections if c.get_label() == "global model on the question's rows")
+    assert [x for x, _ in marks.get_offsets()] == pytest.approx([per_question[q] for q in trained])
 
 
 def test_global_model_ranks_only_its_questions_labels(both_scopes, train_csv, tiny_model, test_csv, tmp_path):
