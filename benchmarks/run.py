@@ -13,10 +13,11 @@ Measures, on a labelled CSV:
 - submit.main on --submit-rows rows of those questions (labels dropped): rows/s, wall time / time in the
   model's forward passes, base-model loads, padding of the batches the model received.
 Only the project's public functions are called; the one patch is transformers' from_pretrained, to count the
-base-model loads and time the forward passes with hooks.
+base-model loads and time the forward passes (ForwardTimer wraps each loaded model's forward).
 The model is a random-init Qwen3 (--layers, --hidden) with the real Qwen3 tokenizer unless --model is given.
 Prints tables and, as its last line, one JSON object with every figure.
 """
+import functools
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from types import SimpleNamespace
 from unittest import mock
@@ -109,40 +109,46 @@ class CountingCollator:
 
 
 class ForwardTimer:
-    """Seconds inside a model's forward calls, LoRA layers included, and the tokens of their batches: hooks
-    on the base model survive attaching and unloading adapters, which wrap it in place."""
+    """Seconds inside a model's forward calls, LoRA layers included, and the tokens of their batches.
+
+    The base model's own `forward` is wrapped: attaching and unloading adapters wraps the model in place, and
+    peft before 0.14 calls `model.forward(...)` directly, which module hooks never see.
+    """
 
     def __init__(self):
         self.seconds = 0.0
         self.calls = 0
         self.counts = Counts()
-        self.local = threading.local()
-        self.handles = []
+        self.models = []
 
     def _sync(self, module):
         if next(module.parameters()).is_cuda:
             torch.cuda.synchronize()
 
-    def _start(self, module, args, kwargs):
-        mask = kwargs["attention_mask"]
-        self.counts.real += int(mask.sum())
-        self.counts.computed += mask.numel()
-        self.counts.batches += 1
-        self._sync(module)
-        self.local.start = time.perf_counter()
-
-    def _stop(self, module, args, output):
-        self._sync(module)
-        self.seconds += time.perf_counter() - self.local.start
-        self.calls += 1
-
     def attach(self, model):
-        self.handles += [model.register_forward_pre_hook(self._start, with_kwargs=True), model.register_forward_hook(self._stop)]
+        forward = model.forward
+
+        @functools.wraps(forward)
+        def timed_forward(*args, **kwargs):
+            mask = kwargs["attention_mask"]
+            self.counts.real += int(mask.sum())
+            self.counts.computed += mask.numel()
+            self.counts.batches += 1
+            self._sync(model)
+            start = time.perf_counter()
+            output = forward(*args, **kwargs)
+            self._sync(model)
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
+            return output
+
+        model.forward = timed_forward
+        self.models.append(model)
         return model
 
     def detach(self):
-        for handle in self.handles:
-            handle.remove()
+        for model in self.models:
+            del model.forward  # the class's forward again
 
 
 class BatchingOnly(torch.nn.Module):
