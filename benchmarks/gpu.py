@@ -55,7 +55,7 @@ torch.set_num_threads(min(2, int(os.environ.get("OMP_NUM_THREADS", "2"))))
 # Qwen3-0.6B's config.json, less the generation settings a classifier does not use.
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                  num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0,
-                 rms_norm_eps=1e-6, tie_word_embeddings=True)
+                 rms_norm_eps=1e-6, tie_word_embeddings=True, sliding_window=None)  # as Qwen3-0.6B's config.json
 TINY = dict(QWEN3_06B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16)
 # Explanation length in tokens: lognormal with mean 60 and p99 114 (sigma from p99/mean), longest row 310.

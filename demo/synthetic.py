@@ -43,6 +43,8 @@ def build_tiny_qwen3(path, seed=0, layers=2, hidden=64):
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=2048,
         pad_token_id=tokenizer.pad_token_id, num_labels=2,
+        # As in Qwen3-0.6B's config.json; transformers 4.51 warns about sliding windows when it is set at all.
+        sliding_window=None,
     )
     model = Qwen3ForSequenceClassification(model_config)
     model.save_pretrained(path)
