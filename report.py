@@ -120,15 +120,21 @@ class StepBar(TrainerCallback):
 
 # ---------------------------------------------------------------- lines and tables
 
+def model_name(question_id):
+    """How lines name a model: "question 31772", or "global model" for the one over all questions."""
+    return "global model" if question_id == config.GLOBAL else f"question {question_id}"
+
+
 def question_line(result):
     question_id, status = result["question_id"], result["status"]
     if status == "succeeded":
-        return (f"question {question_id} succeeded: MAP@3 final {score_text(result['final_map3'])} (best_map3 "
+        return (f"{model_name(question_id)} succeeded: MAP@3 final {score_text(result['final_map3'])} (best_map3 "
                 f"{score_text(result['best_map3'])}), label prior {score_text(result.get('prior_map3'))}; "
                 f"{result.get('seconds', 0):.1f} s")
     if status == "skipped":
-        return f"question {question_id} skipped: {result.get('num_classes', 1)} class"
-    return f"question {question_id} failed: {result.get('error')} (traceback in question_{question_id}/logs/train.log)"
+        return f"{model_name(question_id)} skipped: {result.get('num_classes', 1)} class"
+    log_file = os.path.join(os.path.basename(config.get_question_output_dir(question_id)), "logs", "train.log")
+    return f"{model_name(question_id)} failed: {result.get('error')} (traceback in {log_file})"
 
 
 def text_table(header, rows, left=()):

@@ -426,7 +426,7 @@ def train_question(question_id, rows, backbone):
     data, prompt_stats = model_data(rows, targets, classes, backbone.tokenizer, question_classes)
     splits = model_splits(rows, config.FOLDS, config.SEED)
     log.info("%s: %d rows, %d classes, %s; prompt tokens mean %.0f p95 %.0f max %d, context shortened in %d rows",
-             "global model" if question_id == config.GLOBAL else f"question {question_id}", len(rows), len(classes),
+             report.model_name(question_id), len(rows), len(classes),
              f"{len(splits[0][0])} train / {len(splits[0][1])} val" if config.FOLDS == 1 else f"{config.FOLDS} folds",
              prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
     # Repeated texts never straddle a split, so resolving them over all rows equals resolving each training side.
@@ -481,12 +481,12 @@ def is_complete(question_id):
     if result["status"] not in ("succeeded", "skipped"):
         return False
     if "training_settings" not in result:
-        log.info("question %s: results without recorded training settings, retraining", question_id)
+        log.info("%s: results without recorded training settings, retraining", report.model_name(question_id))
         return False
     recorded, current = result["training_settings"], training_settings()
     changed = [name for name in TRAINING_SETTINGS if recorded.get(name) != current[name]]
     if changed:
-        log.info("question %s: trained with other settings (%s), retraining", question_id,
+        log.info("%s: trained with other settings (%s), retraining", report.model_name(question_id),
                  ", ".join(f"{config.SETTINGS[name].flag} {recorded.get(name)} -> {current[name]}" for name in changed))
         return False
     folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
@@ -519,7 +519,7 @@ def run_question(question_id, rows, backbone):
                                    name=os.path.basename(config.get_question_output_dir(question_id)), config=config.snapshot())
         result = train_question(question_id, rows, backbone)
     except Exception as error:
-        log.error("question %s failed:\n%s", question_id, traceback.format_exc())
+        log.error("%s failed:\n%s", report.model_name(question_id), traceback.format_exc())
         result = {"question_id": question_id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
     finally:
         if wandb_run is not None:

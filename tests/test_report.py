@@ -137,3 +137,15 @@ def test_without_bars_a_long_model_logs_its_steps_once_a_minute(monkeypatch, cap
     lines = [record.getMessage() for record in caplog.records]
     assert lines == ["step 40/100, training loss 0.0250, 01:00 elapsed, about 01:30 left",
                      "step 80/100, training loss 0.0125, 02:00 elapsed, about 00:30 left"]
+
+
+def test_lines_name_the_global_model_as_such():
+    succeeded = {"status": "succeeded", "final_map3": 0.91, "best_map3": 0.92, "prior_map3": 0.6, "seconds": 5.0}
+    assert report.question_line({"question_id": config.GLOBAL, **succeeded}) == (
+        "global model succeeded: MAP@3 final 0.9100 (best_map3 0.9200), label prior 0.6000; 5.0 s")
+    assert report.question_line({"question_id": 31772, **succeeded}).startswith("question 31772 succeeded: ")
+    failed = {"status": "failed", "error": "ValueError: bad"}
+    assert report.question_line({"question_id": config.GLOBAL, **failed}) == (
+        "global model failed: ValueError: bad (traceback in global/logs/train.log)")
+    assert report.question_line({"question_id": 33471, **failed}) == (
+        "question 33471 failed: ValueError: bad (traceback in question_33471/logs/train.log)")
