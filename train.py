@@ -377,9 +377,10 @@ def global_run(init_dir):
     return root, os.path.join(os.path.dirname(root), "summary", "global_results.json")
 
 
-def global_start(init_dir, question_id, classes, fold):
-    """(adapter dir, head rows) of the --init-from global model for one question and fold; InputError if unusable."""
-    root, results_path = global_run(init_dir)
+def init_from_result(init_dir):
+    """The results of the --init-from global model; InputError unless it trained with this run's folds, seed and
+    label space (checked before any question is retrained)."""
+    _, results_path = global_run(init_dir)
     if not os.path.isfile(results_path):
         raise InputError(f"--init-from {init_dir}: no summary/global_results.json (train it with --scope global)")
     result = read_json(results_path)
@@ -389,9 +390,16 @@ def global_start(init_dir, question_id, classes, fold):
         if result.get(key) != getattr(config, setting):
             raise InputError(f"--init-from {init_dir}: the global model has {key} {result.get(key)}, this run "
                              f"{getattr(config, setting)} (give --{key.replace('_', '-')} {result.get(key)})")
+    return result
+
+
+def global_start(init_dir, question_id, classes, fold):
+    """(adapter dir, head rows) of the --init-from global model for one question and fold; InputError if unusable."""
+    result = init_from_result(init_dir)
     missing = [label for label in classes if label not in result["classes"]]
     if missing:
         raise InputError(f"--init-from {init_dir}: question {question_id}: labels {missing[:3]} unknown to the global model")
+    root = global_run(init_dir)[0]
     folder = root if fold is None else os.path.join(root, f"fold_{fold}")
     return os.path.join(folder, "best"), [result["classes"].index(label) for label in classes]
 
@@ -745,6 +753,8 @@ def main(argv=None):
                 if config.INIT_FROM:
                     raise InputError("--init-from starts per-question models from a global one: use it with --scope question")
                 question_ids = [config.GLOBAL] if config.SHARD == "1/1" else []
+            elif config.INIT_FROM:
+                init_from_result(config.INIT_FROM)  # a mismatch stops here, before any question's results are replaced
             devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
             for device in devices:  # a bad --precision stops here, not inside the workers
                 resolve_precision(config.PRECISION, device)

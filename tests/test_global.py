@@ -70,6 +70,40 @@ def test_out_of_fold_files_of_both_scopes_line_up(both_scopes):
         assert set(own["fold"]) == {0, 1}
 
 
+def test_a_mismatched_init_from_stops_before_any_question_is_retrained(both_scopes, tiny_model, train_csv, capsys):
+    output_dir = both_scopes["output_dir"]
+    before = {question_id: results(output_dir, question_id) for question_id in QUESTIONS}
+    saved = config.snapshot()
+    try:  # the global model was trained with --label-space suffix; this run asks for full labels
+        code = train.main(train_args(tiny_model, train_csv, output_dir, "--questions", ",".join(map(str, QUESTIONS)),
+                                     "--folds", "2", "--epochs", "2", "--init-from", output_dir))
+    finally:
+        config.update(saved)
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (f"error: --init-from {output_dir}: the global model has label_space "
+                                               "suffix, this run full (give --label-space suffix)")
+    assert {question_id: results(output_dir, question_id) for question_id in QUESTIONS} == before
+
+
+def test_validate_system_checks_init_from(both_scopes, tiny_model, train_csv, capsys):
+    import validate_system
+    output_dir = both_scopes["output_dir"]
+    saved = config.snapshot()
+    try:
+        for label_space in ("suffix", "full"):
+            validate_system.main(["--model", tiny_model, "--train-data", train_csv, "--output-dir", output_dir,
+                                  "--folds", "2", "--label-space", label_space, "--init-from", output_dir])
+            config.update(saved)
+    finally:
+        config.update(saved)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "init from" in line]
+    global_result = results(output_dir, config.GLOBAL)
+    assert lines == [f"✓ init from: {output_dir}: global model over 3 questions, 2 fold(s), suffix labels, prompt "
+                     f"{GLOBAL_PROMPT_VERSION}, MAP@3 {global_result['final_map3']:.4f}",
+                     f"✗ init from: --init-from {output_dir}: the global model has label_space suffix, this run full "
+                     "(give --label-space suffix)"]
+
+
 def panel_titles(figure):
     return [axis.get_title() for axis in figure.axes if axis.get_title()]
 

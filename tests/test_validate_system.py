@@ -34,6 +34,14 @@ def test_a_broken_setting_is_a_cross_and_exit_1(tiny_model, train_csv, tmp_path)
     assert run.stdout.splitlines()[-1] == "2 check(s) failed"
 
 
+def test_init_from_without_a_global_model_is_a_cross(tiny_model, train_csv, tmp_path):
+    run = validate("--model", tiny_model, "--train-data", train_csv, "--output-dir", str(tmp_path / "out"),
+                   "--init-from", str(tmp_path))
+    assert run.returncode == 1
+    assert [line for line in run.stdout.splitlines() if line.startswith("✗")] == [
+        f"✗ init from: --init-from {tmp_path}: no summary/global_results.json (train it with --scope global)"]
+
+
 def test_reports_the_precision_for_each_gpu_and_why(fake_gpus, capsys):
     import validate_system
     fake_gpus({"Tesla T4": (7, 5), "NVIDIA H100": (9, 0)})

@@ -165,6 +165,21 @@ def check_data(checks, tokenizer):
         checks.ok("prompt lengths", detail)
 
 
+def check_init_from(checks):
+    """--init-from: a trained global model with this run's folds, seed and label space."""
+    from utils import InputError
+    if not config.INIT_FROM:
+        return
+    try:
+        result = train.init_from_result(config.INIT_FROM)
+    except InputError as error:
+        checks.fail("init from", str(error))
+        return
+    checks.ok("init from", f"{config.INIT_FROM}: global model over {len(result['question_classes'])} questions, "
+                           f"{result['folds']} fold(s), {result['label_space']} labels, prompt {config.PROMPT_VERSION}, "
+                           f"MAP@3 {result['final_map3']:.4f}")
+
+
 def check_output(checks, lora_params):
     try:
         os.makedirs(config.OUTPUT_DIR, exist_ok=True)
@@ -182,9 +197,11 @@ def check_output(checks, lora_params):
 
 def main(argv=None):
     config.parse_args(__doc__.splitlines()[0], "train", argv)
+    train.resolve_prompt_version()  # as train.py: the global prompt for --scope global and --init-from
     checks = Checklist()
     check_environment(checks)
     check_config(checks)
+    check_init_from(checks)
     tokenizer, lora_params = check_model(checks)
     check_data(checks, tokenizer)
     check_output(checks, lora_params)
