@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
 import train  # noqa: E402
+from utils import InputError  # noqa: E402
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "scikit-learn", "pandas", "numpy", "joblib"]
 MINIMUM = {"transformers": (4, 51)}
@@ -167,7 +168,6 @@ def check_data(checks, tokenizer):
 
 def check_init_from(checks):
     """--init-from: a trained global model with this run's folds, seed and label space."""
-    from utils import InputError
     if not config.INIT_FROM:
         return
     try:
