@@ -39,10 +39,10 @@ import config
 import report
 from data_collator import LengthGroupedBatches, build_data_collator
 from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
-from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, allowed_classes, attach_lora, attach_lora_from, correctness_of,
-                   decode_top_k, fit_label_encoder, full_labels, label_probabilities, load_backbone, log, map_at_k,
-                   predict_logits, read_competition_csv, read_json, read_question_results, resolve_precision,
-                   setup_logging, softmax, training_targets, write_json_atomic)
+from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, adaptable_layers, allowed_classes, attach_lora, attach_lora_from,
+                   correctness_of, decode_top_k, fit_label_encoder, full_labels, label_probabilities, load_backbone, log,
+                   map_at_k, predict_logits, read_competition_csv, read_json, read_question_results, resolve_precision,
+                   setup_logging, softmax, training_targets, unmatched_lora_targets, write_json_atomic)
 # The settings that change what training produces: each result records them, and a question whose recorded
 # training settings differ from the current ones is retrained.
 TRAINING_SETTINGS = [
@@ -375,6 +375,17 @@ def global_run(init_dir):
     if os.path.basename(root) != config.GLOBAL:
         root = os.path.join(root, config.GLOBAL)
     return root, os.path.join(os.path.dirname(root), "summary", "global_results.json")
+
+
+def check_lora_targets():
+    """InputError unless every --lora-targets name is a layer of --model (checked before any question is retrained:
+    peft fails every question on no match, and trains a partial match without a word)."""
+    layers = adaptable_layers(config.MODEL_NAME)
+    unmatched = unmatched_lora_targets(layers, config.LORA_TARGET_MODULES)
+    if unmatched:
+        linear = sorted({name.split(".")[-1] for name, layer in layers.items() if isinstance(layer, torch.nn.Linear)})
+        raise InputError(f"--lora-targets: {', '.join(unmatched)} not in {config.MODEL_NAME} "
+                         f"(its linear layers: {', '.join(linear)})")
 
 
 def init_from_result(init_dir):
@@ -755,6 +766,8 @@ def main(argv=None):
                 question_ids = [config.GLOBAL] if config.SHARD == "1/1" else []
             elif config.INIT_FROM:
                 init_from_result(config.INIT_FROM)  # a mismatch stops here, before any question's results are replaced
+            if not config.INIT_FROM:  # a started model keeps its global adapter's layers
+                check_lora_targets()
             devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
             for device in devices:  # a bad --precision stops here, not inside the workers
                 resolve_precision(config.PRECISION, device)

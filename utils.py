@@ -320,6 +320,30 @@ def load_base_model(name, tokenizer, dtype, device, offline=False):
     return model.to(device)
 
 
+def adaptable_layers(name, offline=False):
+    """{module name: module} of the layers of --model that LoRA can adapt (those with a 2-D weight: linear, Conv1D,
+    embedding). The architecture is built from its config on the meta device: no weights are read or allocated."""
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(name, local_files_only=offline)
+    except OSError as error:
+        raise InputError(f"--model {name}: cannot load its config ({str(error).splitlines()[0]})") from None
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(model_config)
+    return {module_name: module for module_name, module in model.named_modules()
+            if not any(module.children()) and getattr(module, "weight", None) is not None and module.weight.dim() == 2}
+
+
+def lora_targets_layer(target, name):
+    """peft's rule: a target names a layer by its whole name or a dotted end of it ("q_proj", "self_attn.q_proj")."""
+    return name == target or name.endswith("." + target)
+
+
+def unmatched_lora_targets(layers, targets):
+    """The --lora-targets that name none of `layers` (peft adapts a partial match without a word: a typo would
+    quietly train fewer layers)."""
+    return [target for target in targets if not any(lora_targets_layer(target, name) for name in layers)]
+
+
 def head_name(model):
     for name in HEAD_NAMES:
         if isinstance(getattr(model, name, None), torch.nn.Linear):

@@ -10,8 +10,8 @@ import config
 import train
 from conftest import SINGLE_CLASS_QUESTION, SINGLETON, train_args
 from prompt_utils import questions
-from utils import (TORCH_DTYPES, correctness_of, decode_top_k, load_adapter, load_base_model, load_tokenizer,
-                   map_at_k, predict_logits, read_competition_csv)
+from utils import (TORCH_DTYPES, adaptable_layers, correctness_of, decode_top_k, load_adapter, load_base_model, load_tokenizer,
+                   map_at_k, predict_logits, read_competition_csv, unmatched_lora_targets)
 from data_collator import build_data_collator
 
 
@@ -150,6 +150,23 @@ def test_one_failing_question_does_not_stop_the_others(tiny_model, train_csv, tm
 def test_question_absent_from_the_data_is_a_clear_error(tiny_model, train_csv, tmp_path, capsys):
     assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "12345")) == 2
     assert capsys.readouterr().err.strip() == f"error: {train_csv}: no rows for QuestionId 12345"
+
+
+def test_lora_targets_not_in_the_model_stop_before_any_question_is_retrained(tiny_model, train_csv, tmp_path, capsys):
+    """peft would adapt q_proj alone (a typo quietly trains fewer layers), and fail every question on no match."""
+    args = train_args(tiny_model, train_csv, tmp_path, "--questions", "104665")
+    assert train.main(args) == 0
+    before = results(str(tmp_path), 104665)
+    capsys.readouterr()
+    assert train.main(args + ["--overwrite", "--lora-targets", "q_proj,vproj"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: --lora-targets: vproj not in {tiny_model} (its linear layers: "
+                                               "down_proj, gate_proj, k_proj, o_proj, q_proj, score, up_proj, v_proj)")
+    assert results(str(tmp_path), 104665) == before
+
+
+def test_lora_targets_match_as_peft_matches_them(tiny_model):
+    layers = adaptable_layers(tiny_model)
+    assert unmatched_lora_targets(layers, ["self_attn.q_proj", "v_proj", "embed_tokens", "mlp", "q"]) == ["mlp", "q"]
 
 
 def test_help_lists_the_flags(capsys):

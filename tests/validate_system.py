@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
 import train  # noqa: E402
-from utils import InputError  # noqa: E402
+from utils import InputError, adaptable_layers, load_tokenizer, lora_targets_layer, unmatched_lora_targets  # noqa: E402
 
 PACKAGES = ["torch", "transformers", "peft", "accelerate", "scikit-learn", "pandas", "numpy", "joblib"]
 MINIMUM = {"transformers": (4, 51)}
@@ -99,26 +99,21 @@ def check_config(checks):
 
 def check_model(checks):
     """Config and tokenizer from local files only; the architecture is built on the meta device (no weights)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from utils import load_tokenizer
+    from transformers import AutoConfig
     try:
         model_config = AutoConfig.from_pretrained(config.MODEL_NAME, local_files_only=True)
         tokenizer = load_tokenizer(config.MODEL_NAME, offline=True)
+        layers = adaptable_layers(config.MODEL_NAME, offline=True)
     except Exception as error:
         checks.fail("model", f"{config.MODEL_NAME}: not loadable offline ({str(error).splitlines()[0]})")
         return None, None
     checks.ok("model", f"{config.MODEL_NAME}: {model_config.model_type}, tokenizer {type(tokenizer).__name__}, "
                        f"chat template {'yes' if getattr(tokenizer, 'chat_template', None) else 'no (plain prompts)'}")
-    with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(model_config)
-    linear = {name.split(".")[-1]: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    missing = [target for target in config.LORA_TARGET_MODULES if target not in linear]
-    checks.check("lora targets", not missing, f"not in the model: {', '.join(missing)}" if missing else
+    unmatched = unmatched_lora_targets(layers, config.LORA_TARGET_MODULES)
+    checks.check("lora targets", not unmatched, f"not in the model: {', '.join(unmatched)}" if unmatched else
                  f"{', '.join(config.LORA_TARGET_MODULES)} found")
-    lora_params = sum(config.LORA_RANK * (module.in_features + module.out_features)
-                      for name, module in model.named_modules()
-                      if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in config.LORA_TARGET_MODULES)
+    lora_params = sum(config.LORA_RANK * sum(layer.weight.shape) for name, layer in layers.items()
+                      if any(lora_targets_layer(target, name) for target in config.LORA_TARGET_MODULES))
     return tokenizer, lora_params
 
 
