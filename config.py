@@ -1,5 +1,8 @@
 """Every setting of the system, each declared once: its default, flag, help, choices and the scripts that take it.
 
+A recipe (recipes/*.py) is a small Python file that assigns settings declared here, and STAGES; train.py reads
+one (`python train.py recipes/minilm.py --epochs 2`), the command line's flags override it.
+
 `setting(...)` records the declaration in SETTINGS and sets the module variable, so the rest of the code reads
 `config.X`. Scripts override any setting they take from the command line (`python train.py --epochs 5`):
 `parse_args` builds the argparse parser from SETTINGS and writes the parsed values back into this module.
@@ -86,6 +89,8 @@ setting("HEAD_LR_MULTIPLIER", 1.0, "--head-lr-multiplier",
         "EXPERIMENTS.md)", "train")
 setting("HEAD_INIT", "prior", "--head-init",
         "bias of a new head: prior (log label frequencies of its training rows) or zero", "train", choices=("prior", "zero"))
+setting("MAX_GRAD_NORM", 1.0, "--max-grad-norm",
+        "clip the gradient norm of LoRA and head together at this value (0: no clipping)", "train")
 setting("LABEL_SMOOTHING", 0.0, "--label-smoothing", "label smoothing of the training loss (0: none)", "train")
 setting("CLASS_WEIGHT_POWER", 0.0, "--class-weight-power",
         "weight each class's loss by (rows / class rows) ** power (0: unweighted, 1: balanced)", "train")
@@ -149,8 +154,19 @@ setting("DEMO_OUTPUT_DIR", "ver_demo", "--demo-output-dir", "output directory of
 # every setting not given on the command line.
 DEMO_SETTINGS = {"LEARNING_RATE": 5e-3, "EPOCHS": 8}
 
-# Settings given explicitly on the command line (parse_args fills it): --demo leaves those alone.
+# Settings given explicitly on the command line (parse_args fills it): --demo and recipes leave those alone.
 GIVEN = set()
+
+# The recipe `python train.py` reads when none is given.
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "qwen3_0.6b.py")
+# Per-question models from scratch: what the benchmarks that measure per-question training run.
+SEED_RECIPE = os.path.join(os.path.dirname(DEFAULT_RECIPE), "seed.py")
+# The recipe this run read ("" for none): parse_args sets it, results record it.
+RECIPE = ""
+# The models one train.py run trains one after the other, each stage a dict of the settings it changes (a recipe
+# assigns it): [{"SCOPE": "global", "EPOCHS": 4}, {"SCOPE": "question", "EPOCHS": 2}] trains a global model, then
+# per-question models started from it. One stage without changes: the run's settings as they are.
+STAGES = [{}]
 
 
 # The id under which the global model's files live, in place of a QuestionId, in the path helpers below.
@@ -221,13 +237,57 @@ def _add_setting(parser, entry, flag):
     parser.add_argument(flag, **kwargs)
 
 
-def parse_args(description, script, argv=None, extra_arguments=None):
+def _fits(value, default):
+    """Whether a recipe's value has the type of the setting's default (an int where a float is expected too)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, list):
+        return isinstance(value, list) and all(isinstance(item, type(default[0])) for item in value)
+    return isinstance(value, type(default))
+
+
+def read_recipe(path, script):
+    """{setting: value} that the recipe file at `path` assigns, STAGES included; ValueError naming the file and
+    the name for anything that is not a setting `script` takes, or a value of the wrong type."""
+    namespace = {}
+    with open(path) as handle:
+        exec(compile(handle.read(), path, "exec"), namespace)
+    assigned = {name: value for name, value in namespace.items() if not name.startswith("_")}
+    names = {entry.name for entry in settings_of(script)}
+
+    def check(settings, where):
+        for name, value in settings.items():
+            if name not in names:
+                raise ValueError(f"{path}: {where}{name} is not a setting of {script} (config.py declares them)")
+            if not _fits(value, SETTINGS[name].default) or (SETTINGS[name].choices and value not in SETTINGS[name].choices):
+                raise ValueError(f"{path}: {where}{name} = {value!r} does not fit its default {SETTINGS[name].default!r}"
+                                 + (f" (choices: {', '.join(SETTINGS[name].choices)})" if SETTINGS[name].choices else ""))
+
+    stages = assigned.pop("STAGES", [{}])
+    check(assigned, "")
+    if not (isinstance(stages, list) and stages and all(isinstance(stage, dict) for stage in stages)):
+        raise ValueError(f"{path}: STAGES must be a non-empty list of dicts of settings")
+    for number, stage in enumerate(stages, 1):
+        check(stage, f"stage {number}: ")
+    # Each stage names its scope, so that --scope can pick stages whatever the command line sets.
+    stages = [{"SCOPE": assigned.get("SCOPE", SETTINGS["SCOPE"].default), **stage} for stage in stages]
+    return {**assigned, "STAGES": stages}
+
+
+def parse_args(description, script, argv=None, extra_arguments=None, recipe=None):
     """Parse `--flag value` overrides of the settings `script` takes into this module.
 
-    `extra_arguments(parser)` adds script-only arguments. Returns the argparse namespace.
+    With `recipe` (the default recipe's path), a first argument ending in .py names the recipe to read instead;
+    what it assigns overrides the defaults, and the command line's flags override it. `extra_arguments(parser)`
+    adds script-only arguments. Returns the argparse namespace.
     """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      allow_abbrev=False)
+    if recipe:
+        parser.add_argument("recipe", nargs="?", default=recipe,
+                            help="recipe file: settings and STAGES (recipes/seed.py: per-question models only)")
     entries = settings_of(script)
     for entry in entries:
         _add_setting(parser, entry, entry.flag_for(script))
@@ -235,12 +295,27 @@ def parse_args(description, script, argv=None, extra_arguments=None):
         extra_arguments(parser)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    update({entry.name: getattr(args, entry.name) for entry in entries})
     given = {token.split("=")[0] for token in argv if token.startswith("--")}
     GIVEN.clear()
     GIVEN.update(entry.name for entry in entries
                  if {entry.flag_for(script), "--no-" + entry.flag_for(script)[2:]} & given)
+    recipe_settings = {}
+    if recipe:
+        try:
+            recipe_settings = read_recipe(args.recipe, script)
+        except (OSError, SyntaxError, ValueError) as error:
+            parser.error(f"recipe {args.recipe}: {error}" if not isinstance(error, ValueError) else str(error))
+    update({entry.name: recipe_settings[entry.name] if entry.name in recipe_settings and entry.name not in GIVEN
+            else getattr(args, entry.name) for entry in entries})
+    update({"STAGES": recipe_settings.get("STAGES", [{}]), "RECIPE": args.recipe if recipe else ""})
     return args
+
+
+def stage_settings(stage, base):
+    """The settings of one stage: the run's (`base`), changed by the stage except where the command line (or
+    --demo, whose tiny model needs its rates) set them."""
+    kept = GIVEN | (set(DEMO_SETTINGS) if base.get("DEMO") else set())
+    return {**base, **{name: value for name, value in stage.items() if name not in kept}}
 
 
 def options_table():

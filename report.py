@@ -128,8 +128,11 @@ def model_name(question_id):
 def question_line(result):
     question_id, status = result["question_id"], result["status"]
     if status == "succeeded":
-        return (f"{model_name(question_id)} succeeded: MAP@3 final {score_text(result['final_map3'])} (best_map3 "
-                f"{score_text(result['best_map3'])}), label prior {score_text(result.get('prior_map3'))}; "
+        verdict = "STALLED on the label prior" if result.get("stalled") else "succeeded"
+        stall = (f" (lead {result['lead_over_prior']:+.4f} within the noise margin {result['stall_margin']:.4f})"
+                 if result.get("stalled") else "")
+        return (f"{model_name(question_id)} {verdict}: MAP@3 final {score_text(result['final_map3'])} (best_map3 "
+                f"{score_text(result['best_map3'])}), label prior {score_text(result.get('prior_map3'))}{stall}; "
                 f"{result.get('seconds', 0):.1f} s")
     if status == "skipped":
         return f"{model_name(question_id)} skipped: {result.get('num_classes', 1)} class"
@@ -147,21 +150,31 @@ def text_table(header, rows, left=()):
 
 def training_table(summary):
     """Per question: rows, classes, MAP@3 (best, final, label prior), seconds, status; then the overall figures."""
-    header = ["question", "rows", "classes", "best MAP@3", "final MAP@3", "label prior", "seconds", "status"]
+    sources = (summary.get("sources") or {}).get(config.CHECKPOINT, {})
+    chosen = sources.get("questions", {})
+    header = ["question", "rows", "classes", "best MAP@3", "final MAP@3", "label prior", "seconds", "status", "submit uses"]
     rows = [[question_id, entry.get("rows") or "-", entry.get("num_classes") or "-", score_text(entry.get("best_map3")),
              score_text(entry.get("final_map3")), score_text(entry.get("prior_map3")), f"{entry.get('seconds') or 0:.1f}",
-             entry["status"]]
+             "stalled" if entry.get("stalled") else entry["status"], source_text(chosen.get(str(question_id)))]
             for question_id, entry in summary["per_question"].items()]
     # A question without its own model may be covered by the global model: its final MAP@3 there.
     by_global = (summary.get("global") or {}).get("per_question_final_map3") or {}
     rows += [[question_id, "-", "-", "-", score_text(by_global.get(str(question_id))), "-", "-",
-              "global model" if str(question_id) in by_global else "missing"] for question_id in summary["missing"]]
-    lines = [text_table(header, rows, left=["status"])]
+              "global model" if str(question_id) in by_global else "missing", source_text(chosen.get(str(question_id)))]
+             for question_id in summary["missing"]]
+    lines = [text_table(header, rows, left=["status", "submit uses"])]
     if summary.get("global"):
         entry = summary["global"]
-        lines.append(f"global model {entry['status']}: MAP@3 {score_text(entry.get('final_map3'))} (final checkpoint; "
-                     f"best_map3 {score_text(entry.get('best_map3'))}) over {entry.get('val_rows')} validation rows; "
-                     f"{seconds_text(entry.get('seconds') or 0)} of training")
+        lines.append(f"global model {'STALLED on the label prior' if entry.get('stalled') else entry['status']}: MAP@3 "
+                     f"{score_text(entry.get('final_map3'))} (final checkpoint; best_map3 {score_text(entry.get('best_map3'))}) "
+                     f"over {entry.get('val_rows')} validation rows; {seconds_text(entry.get('seconds') or 0)} of training")
+    if sources.get("overall"):
+        overall = sources["overall"]
+        folds = any(entry.get("cross_fold_map3") is not None for entry in chosen.values())
+        cross_fold = f"; {overall['cross_fold_map3']:.4f} when each fold's weight is chosen on the other folds" if folds else ""
+        lines.append(f"submit.py's sources ({config.CHECKPOINT}, {overall['rows']} rows): MAP@3 {overall['chosen_map3']:.4f} "
+                     f"with each question's chosen weight (chosen on these rows{cross_fold}), {overall['fixed_map3']:.4f} "
+                     f"at --global-weight {summary['sources']['default_global_weight']:g} for all")
     lines += [f"question {q} failed: {entry['error']}" for q, entry in summary["per_question"].items() if entry["status"] == "failed"]
     if summary["per_question"] or not summary.get("global"):  # a global-only run has no per-question overall
         lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 {score_text(summary['overall_final_map3'])} "
@@ -170,6 +183,15 @@ def training_table(summary):
                      f"{summary['succeeded']} succeeded, {summary['failed']} failed, {summary['skipped']} skipped, "
                      f"{len(summary['missing'])} missing; {seconds_text(summary['seconds'])} of training")
     return "\n".join(lines)
+
+
+def source_text(entry):
+    """What submit.py predicts a question with, as train.py chose it: its model, the global model or their blend."""
+    if entry is None:
+        return "-"
+    weight = entry["global_weight"]
+    text = "its model" if weight == 0 else "global model" if weight == 1 else f"blend, global weight {weight:g}"
+    return text + (" (own model stalled)" if entry.get("stalled") else "")
 
 
 def prediction_table(groups, seconds):
@@ -233,7 +255,11 @@ def plot_map3_by_question(results, summary, path, global_result=None):
     axis.axvline(overall, color="tab:red", linestyle="--", linewidth=1, label=f"overall {overall:.4f} (final checkpoint, row-weighted)")
     if overall_prior is not None:
         axis.axvline(overall_prior, color="0.4", linestyle=":", linewidth=1, label=f"overall label prior {overall_prior:.4f}")
-    axis.set_yticks(y, [str(bar[0]) for bar in bars])
+    stalled = {r["question_id"] for r in trained if r.get("stalled")}
+    axis.set_yticks(y, [f"{bar[0]} (stalled)" if bar[0] in stalled else str(bar[0]) for bar in bars])
+    for tick in axis.get_yticklabels():
+        if tick.get_text().endswith("(stalled)"):
+            tick.set_color("tab:red")
     axis.set_xlim(left, 1.0)
     axis.xaxis.set_major_locator(MultipleLocator(0.05 if 1 - left <= 0.3 else 0.1))
     axis.set_ylim(-0.6, len(bars) - 0.4)

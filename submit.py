@@ -25,8 +25,9 @@ import config
 import report
 from data_collator import build_data_collator
 from prompts import encode_prompts
+from sources import chosen_weights
 from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, allowed_classes, blend_probabilities, correctness_of,
-                   decode_top_k, frequency_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
+                   decode_top_k, frequency_top_k, full_labels, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
                    lora_merged, predict_logits, read_competition_csv, read_question_results, resolve_precision,
                    setup_logging)
 
@@ -121,10 +122,18 @@ MODEL_UNUSABLE = "model unusable"
 NO_RESULTS = "no training results"
 
 
-def predict_group(predictor, question_id, rows, results, global_part=None):
+def global_weight(question_id, chosen):
+    """The global model's weight in a question's blend: --global-weight when given, else the one train.py chose for
+    the question out of fold (`chosen`), else --global-weight's default."""
+    if "GLOBAL_WEIGHT" in config.GIVEN:
+        return config.GLOBAL_WEIGHT
+    return chosen.get(question_id, config.GLOBAL_WEIGHT)
+
+
+def predict_group(predictor, question_id, rows, results, global_part=None, weight=None):
     """(a question's predictions, how they were made, None or why they come from label frequencies): its model,
-    the global model's (labels, probabilities, how) for these rows, or their blend (GLOBAL_WEIGHT on the global
-    model); label frequencies when neither is usable.
+    the global model's (labels, probabilities, how) for these rows, or their blend (`weight`, by default
+    GLOBAL_WEIGHT, on the global model); label frequencies when neither is usable.
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -136,22 +145,23 @@ def predict_group(predictor, question_id, rows, results, global_part=None):
     wanted = question_id in config.QUESTION_IDS
     why = {"skipped": "one class in training", "failed": "training failed",
            None: NO_RESULTS if wanted else "never trained"}.get(status, "not in --questions")
+    weight = config.GLOBAL_WEIGHT if weight is None else weight
     parts, used = [], []
-    if status == "succeeded" and predictor is not None and wanted and (global_part is None or config.GLOBAL_WEIGHT < 1):
+    if status == "succeeded" and predictor is not None and wanted and (global_part is None or weight < 1):
         try:
             part_labels, probs, models = predictor.probabilities(question_id, rows, results[question_id])
-            parts.append((1 - config.GLOBAL_WEIGHT, part_labels, probs))
+            parts.append((1 - weight, part_labels, probs))
             used.append(models_used("model", models, results[question_id].get("folds", 1)))
         except Exception as error:
-            if global_part is None and config.GLOBAL_WEIGHT == 0:  # the global model was not run for this question
+            if global_part is None and weight == 0:  # the global model was not run for this question
                 global_part = global_probabilities(predictor, rows).get(question_id)
             log.warning("question %s: model unusable (%s: %s); using %s", question_id, type(error).__name__, error,
                         "the global model" if global_part else "its label frequencies")
             why = MODEL_UNUSABLE
     elif status != "skipped" and global_part is None:
         log.warning("question %s: %s; using %s label frequencies", question_id, why, source)
-    if global_part is not None and (config.GLOBAL_WEIGHT > 0 or not parts):
-        parts.append((config.GLOBAL_WEIGHT, *global_part[:2]))
+    if global_part is not None and (weight > 0 or not parts):
+        parts.append((weight, *global_part[:2]))
         used.append(global_part[2])
     if not parts:
         return (frequency_top_k(labels, frequencies, correctness_of(rows), config.CORRECTNESS_MASK, fill),
@@ -159,7 +169,7 @@ def predict_group(predictor, question_id, rows, results, global_part=None):
     if len(parts) == 1:  # the weight applies where both models exist
         parts = [(1.0, *parts[0][1:])]
     blend_labels, probs = blend_probabilities(parts)
-    how = used[0] if len(used) == 1 else f"{used[0]} + {used[1]}, global weight {config.GLOBAL_WEIGHT:g}"
+    how = used[0] if len(used) == 1 else f"{used[0]} + {used[1]}, global weight {weight:g}"
     return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill), how, None
 
 
@@ -184,7 +194,12 @@ def global_probabilities(predictor, test_df):
         return {}
     how = models_used("global model", models, result.get("folds", 1))
     positions = rows.reset_index(drop=True).groupby("QuestionId").indices
-    return {int(question_id): (labels, probs[index], how) for question_id, index in positions.items()}
+    parts = {}
+    for question_id, index in positions.items():
+        # Only the question's own labels: another question's label, at probability 0, could still rank third.
+        own = np.isin(labels, full_labels(result["question_classes"][str(question_id)]))
+        parts[int(question_id)] = ([label for label, keep in zip(labels, own) if keep], probs[index][:, own], how)
+    return parts
 
 
 def visible_devices():
@@ -222,11 +237,12 @@ def predict(test_df, devices=None):
         copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
         predictors = [Predictor(model, device_tokenizer, device)
                       for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
-    global_rows = test_df
-    if config.GLOBAL_WEIGHT == 0:  # the global model only stands in for questions without a model of their own
-        own_model = [qid for qid in config.QUESTION_IDS if results.get(qid, {}).get("status") == "succeeded"]
-        global_rows = test_df[~test_df["QuestionId"].isin(own_model)]  # predict_group adds unusable ones
-    global_parts = global_probabilities(predictors[0], global_rows)
+    chosen = chosen_weights(config.CHECKPOINT)
+    weights = {qid: global_weight(qid, chosen) for qid, _ in groups}
+    # At weight 0 the global model only stands in for a question without a model of its own (predict_group adds
+    # the questions whose model turns out unusable).
+    own_only = [qid for qid in config.QUESTION_IDS if results.get(qid, {}).get("status") == "succeeded" and weights.get(qid) == 0]
+    global_parts = global_probabilities(predictors[0], test_df[~test_df["QuestionId"].isin(own_only)])
     predictions, done, fallbacks = {}, [], {}
     bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
 
@@ -235,7 +251,7 @@ def predict(test_df, devices=None):
         for question_id, rows in work:
             started = time.time()
             labels, how, fallbacks[question_id] = predict_group(predictor, question_id, rows, results,
-                                                                global_parts.get(question_id))
+                                                                global_parts.get(question_id), weights[question_id])
             predictions.update(zip(rows["row_id"], labels))
             done.append((question_id, len(rows), how, time.time() - started))
             bar.update(len(rows))

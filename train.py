@@ -8,6 +8,7 @@ them from a shared queue, longest first; `--shard K/N` splits them over machines
 
     python train.py --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -37,21 +38,25 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 import config
 import report
+from sources import choose_sources, sources_path
 from data_collator import LengthGroupedBatches, build_data_collator
 from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
 from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, adaptable_layers, allowed_classes, attach_lora, attach_lora_from,
-                   correctness_of, decode_top_k, fit_label_encoder, full_labels, label_probabilities, load_backbone, log,
-                   map_at_k, predict_logits, read_competition_csv, read_json, read_question_results, resolve_precision,
-                   setup_logging, softmax, training_targets, unmatched_lora_targets, write_json_atomic)
+                   average_precisions, correctness_of, decode_top_k, fit_label_encoder, full_labels, label_probabilities,
+                   load_backbone, log, map_at_k, predict_logits, question_label_mask, read_competition_csv, read_json,
+                   read_question_results, resolve_precision, setup_logging, softmax, training_targets,
+                   unmatched_lora_targets, write_json_atomic)
 # The settings that change what training produces: each result records them, and a question whose recorded
 # training settings differ from the current ones is retrained.
 TRAINING_SETTINGS = [
     "MODEL_NAME", "PROMPT_VERSION", "MAX_LEN", "EPOCHS", "TRAIN_BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS",
     "LEARNING_RATE", "WEIGHT_DECAY", "WARMUP_RATIO", "LR_SCHEDULER", "LABEL_SMOOTHING", "CLASS_WEIGHT_POWER",
     "DUPLICATES", "VAL_FRACTION", "FOLDS", "SEED", "EVAL_STEPS", "PRECISION", "LORA_RANK", "LORA_ALPHA",
-    "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "SCOPE", "INIT_FROM", "LABEL_SPACE",
-    "HEAD_LR_MULTIPLIER", "HEAD_INIT",
+    "LORA_DROPOUT", "LORA_TARGET_MODULES", "CORRECTNESS_MASK", "SCOPE", "LABEL_SPACE", "HEAD_LR_MULTIPLIER",
+    "HEAD_INIT", "MAX_GRAD_NORM",
 ]
+# Besides these, a result records the hash of its rows (another --train-data or --questions retrains it) and of the
+# global model it started from (--init-from: a global model retrained since retrains it), not their paths.
 # --val-fraction is held out as m of K folds, m/K its nearest fraction with K at most this.
 MAX_VAL_FOLDS = 20
 LIBRARIES = ["torch", "transformers", "peft", "scikit-learn"]
@@ -61,6 +66,29 @@ def text_groups(rows):
     """One key per distinct (question, answer, explanation) text; rows that repeat a text share it."""
     return (rows["QuestionId"].astype(str) + "\x00" + rows["MC_Answer"] + "\x00"
             + rows["StudentExplanation"].str.strip().str.lower()).to_numpy()
+
+
+def rows_hash(rows):
+    """A short hash of the rows a model trains on: ids, question, answer, explanation and label."""
+    columns = rows[["row_id", "QuestionId", "MC_Answer", "StudentExplanation", TARGET_COLUMN]].astype(str)
+    return hashlib.sha1(pd.util.hash_pandas_object(columns, index=False).to_numpy().tobytes()).hexdigest()[:16]
+
+
+def file_hash(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha1(handle.read()).hexdigest()[:16]
+
+
+def model_rows(df, question_id):
+    """The rows one model trains on: a question's, or those of every selected question (GLOBAL)."""
+    if question_id == config.GLOBAL:
+        return df[df["QuestionId"].isin(config.QUESTION_IDS)].reset_index(drop=True)
+    return df[df["QuestionId"] == question_id].reset_index(drop=True)
+
+
+def init_from_hash():
+    """The hash of the --init-from global model's results (written anew whenever it trains), None without one."""
+    return file_hash(global_run(config.INIT_FROM)[1]) if config.INIT_FROM else None
 
 
 def resolve_duplicates(groups, labels, policy):
@@ -128,10 +156,10 @@ def fold_splits(rows, folds, seed):
     return [(train_idx, val_idx[~to_train])]
 
 
-def label_prior_map3(data, splits):
-    """MAP@3 on the validation rows of ranking each row's question's labels by their training frequency: what a
-    model must beat."""
-    truth, ranked = [], []
+def label_prior_scores(data, splits):
+    """Per row, the MAP@3 of ranking its question's labels by their training frequency (NaN for rows never
+    validated): what a model must beat."""
+    scores = np.full(len(data.rows), np.nan)
     question_of = data.rows["QuestionId"].to_numpy()
     for train_idx, val_idx in splits:
         for question_id in np.unique(question_of[val_idx]):
@@ -139,9 +167,10 @@ def label_prior_map3(data, splits):
             val_rows = val_idx[question_of[val_idx] == question_id]
             counts = np.bincount(data.train_labels[train_rows], minlength=len(data.classes))
             labels, probs = data.probabilities(np.tile(np.log(counts + 1e-9), (len(val_rows), 1)), val_rows)
-            ranked += decode_top_k(probs, labels, [data.correct[i] for i in val_rows], config.CORRECTNESS_MASK)
-            truth += list(data.rows[TARGET_COLUMN].to_numpy()[val_rows])
-    return map_at_k(truth, ranked)
+            ranked = decode_top_k(probs, labels, [data.correct[i] for i in val_rows], config.CORRECTNESS_MASK,
+                                  allowed=data.label_mask(val_rows, labels))
+            scores[val_rows] = average_precisions(data.rows[TARGET_COLUMN].to_numpy()[val_rows], ranked)
+    return scores
 
 
 def save_adapter(model, path):
@@ -178,11 +207,18 @@ class ModelData:
     trainable: np.ndarray  # False: left out of training by the --duplicates policy
     correct: list  # whether each row's answer is correct (True/False/None)
     allowed: np.ndarray = None  # rows x classes: the labels of each row's question (global model), None: all
+    question_classes: dict = None  # QuestionId -> its classes (global model)
 
     def probabilities(self, logits, index):
         """(full labels, probabilities) of the rows `index` from the model's logits for them."""
         allowed = None if self.allowed is None else self.allowed[index]
         return label_probabilities(logits, self.classes, [self.correct[i] for i in index], allowed)
+
+    def label_mask(self, index, labels):
+        """Rows `index` x full `labels`: the labels a row's question can have, None when all can (a question's model)."""
+        if self.question_classes is None:
+            return None
+        return question_label_mask(self.rows["QuestionId"].to_numpy()[index], labels, self.question_classes)
 
 
 class MapTrainer(Trainer):
@@ -225,8 +261,9 @@ class MapTrainer(Trainer):
         loss = float(-np.log(model_probs[np.arange(len(val_idx)), data.labels[val_idx]] + 1e-12).mean())
         truth = data.rows[TARGET_COLUMN].to_numpy()[val_idx]
         correct = [data.correct[i] for i in val_idx]
-        map3 = map_at_k(truth, decode_top_k(probs, labels, correct, config.CORRECTNESS_MASK))
-        map3_unmasked = map_at_k(truth, decode_top_k(probs, labels, correct, False))
+        label_mask = data.label_mask(val_idx, labels)
+        map3 = map_at_k(truth, decode_top_k(probs, labels, correct, config.CORRECTNESS_MASK, allowed=label_mask))
+        map3_unmasked = map_at_k(truth, decode_top_k(probs, labels, correct, False, allowed=label_mask))
         log.info("step %d: validation MAP@3 %.4f (unmasked %.4f), loss %.4f", self.state.global_step, map3, map3_unmasked, loss)
         if map3 > self.best["map3"]:
             self.best = {"map3": map3, "map3_unmasked": map3_unmasked, "step": self.state.global_step}
@@ -258,6 +295,7 @@ def training_arguments(output_dir, n_train, precision):
         eval_strategy="steps",
         eval_steps=int(eval_steps),
         save_strategy="no",
+        max_grad_norm=config.MAX_GRAD_NORM,
         logging_steps=config.LOGGING_STEPS,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -343,26 +381,30 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, init=None)
     }, {"best_map3": trainer.best_probs, "best": trainer.last_probs}
 
 
-def write_oof(question_id, data, labels, folds, probs_by_checkpoint):
-    """Save out-of-fold probabilities (over full labels) per checkpoint; return their MAP@3 (masked and not)."""
+def write_oof(question_id, data, labels, folds, probs_by_checkpoint, scored):
+    """Save the probabilities (over full labels) of the validated rows `scored` per checkpoint: every row out of
+    fold in a K-fold run, the validation rows of one split; return their MAP@3 (masked and not)."""
     scores = {}
-    truth = data.rows[TARGET_COLUMN].to_numpy()
+    truth = data.rows[TARGET_COLUMN].to_numpy()[scored]
+    correct = [data.correct[i] for i in scored]
+    label_mask = data.label_mask(scored, labels)
     for checkpoint, probs in probs_by_checkpoint.items():
-        table = pd.DataFrame(probs, columns=labels)
-        table.insert(0, "row_id", data.rows["row_id"].to_numpy())
-        table.insert(1, "fold", folds)
+        table = pd.DataFrame(probs[scored], columns=labels)
+        table.insert(0, "row_id", data.rows["row_id"].to_numpy()[scored])
+        table.insert(1, "fold", folds[scored])
         table.insert(2, "label", truth)
         table.to_csv(os.path.join(config.get_question_output_dir(question_id), f"oof_{checkpoint}.csv"), index=False)
         for mask in (True, False):
             key = f"{checkpoint}_oof_map3" + ("" if mask else "_unmasked")
-            scores[key] = map_at_k(truth, decode_top_k(probs, labels, data.correct, mask))
+            scores[key] = map_at_k(truth, decode_top_k(probs[scored], labels, correct, mask, allowed=label_mask))
     return scores
 
 
 def map3_by_question(data, labels, probs, index):
     """MAP@3 of the rows `index` per QuestionId (a global model's figures, question by question)."""
     rows = data.rows.iloc[index]
-    ranked = decode_top_k(probs, labels, [data.correct[i] for i in index], config.CORRECTNESS_MASK)
+    ranked = decode_top_k(probs, labels, [data.correct[i] for i in index], config.CORRECTNESS_MASK,
+                          allowed=data.label_mask(index, labels))
     scores = {}
     for question_id, positions in rows.groupby("QuestionId").indices.items():
         scores[str(question_id)] = map_at_k(rows[TARGET_COLUMN].to_numpy()[positions], [ranked[p] for p in positions])
@@ -388,19 +430,28 @@ def check_lora_targets():
                          f"(its linear layers: {', '.join(linear)})")
 
 
-def init_from_result(init_dir):
-    """The results of the --init-from global model; InputError unless it trained with this run's folds, seed and
-    label space (checked before any question is retrained)."""
+def init_from_result(init_dir, df=None, question_ids=()):
+    """The results of the --init-from global model; InputError unless it trained with this run's folds, seed,
+    label space, validation fraction (one split) and, for each of `question_ids`, the same rows of `df` (checked
+    before any question is retrained: otherwise its validation rows may be rows the global model trained on)."""
     _, results_path = global_run(init_dir)
     if not os.path.isfile(results_path):
         raise InputError(f"--init-from {init_dir}: no summary/global_results.json (train it with --scope global)")
     result = read_json(results_path)
     if result.get("status") != "succeeded":
         raise InputError(f"--init-from {init_dir}: the global model did not train ({result.get('status')})")
-    for key, setting in (("folds", "FOLDS"), ("seed", "SEED"), ("label_space", "LABEL_SPACE")):
-        if result.get(key) != getattr(config, setting):
-            raise InputError(f"--init-from {init_dir}: the global model has {key} {result.get(key)}, this run "
-                             f"{getattr(config, setting)} (give --{key.replace('_', '-')} {result.get(key)})")
+    recorded = result.get("training_settings", {})
+    checked = ["FOLDS", "SEED", "LABEL_SPACE"] + (["VAL_FRACTION"] if config.FOLDS == 1 else [])
+    for name in checked:
+        if recorded.get(name) != getattr(config, name):
+            flag = config.SETTINGS[name].flag
+            raise InputError(f"--init-from {init_dir}: the global model has {flag} {recorded.get(name)}, this run "
+                             f"{getattr(config, name)} (give {flag} {recorded.get(name)})")
+    trained_on = result.get("question_rows_hash", {})
+    for question_id in question_ids:
+        if question_id != config.GLOBAL and trained_on.get(str(question_id)) != rows_hash(model_rows(df, question_id)):
+            raise InputError(f"--init-from {init_dir}: question {question_id}: its rows in {config.TRAIN_DATA_PATH} are not "
+                             f"those the global model trained on (retrain it with this --train-data and --questions)")
     return result
 
 
@@ -422,11 +473,16 @@ def model_data(rows, targets, classes, tokenizer, question_classes=None):
     train_labels, trainable = resolve_duplicates(text_groups(rows), labels, config.DUPLICATES)
     input_ids, prompt_stats = encode_prompts(rows, tokenizer, config.PROMPT_VERSION, config.MAX_LEN)
     allowed = None if question_classes is None else allowed_classes(rows["QuestionId"], classes, question_classes)
-    return ModelData(rows, input_ids, classes, labels, train_labels, trainable, correctness_of(rows), allowed), prompt_stats
+    return ModelData(rows, input_ids, classes, labels, train_labels, trainable, correctness_of(rows), allowed,
+                     question_classes), prompt_stats
 
 
 def train_question(question_id, rows, backbone):
-    """Train one model (a question's, or the global one over `rows`), one split or K folds; return its results."""
+    """Train one model (a question's, or the global one over `rows`), one split or K folds; return its results.
+
+    A K-fold model keeps each finished fold (fold_<k>/finished.json and its validation probabilities) until the
+    model is complete, so a run stopped in fold k retrains from fold k.
+    """
     targets = training_targets(rows, config.LABEL_SPACE)
     encoder = fit_label_encoder(targets, config.get_question_label_encoder_path(question_id))
     classes = list(encoder.classes_)
@@ -442,6 +498,8 @@ def train_question(question_id, rows, backbone):
     if question_id == config.GLOBAL:
         question_classes = {str(q): sorted(set(group)) for q, group in targets.groupby(rows["QuestionId"])}
         result["question_classes"] = question_classes
+        # What --init-from checks: a question model may start from this one only on the same rows.
+        result["question_rows_hash"] = {str(q): rows_hash(part) for q, part in rows.groupby("QuestionId")}
     data, prompt_stats = model_data(rows, targets, classes, backbone.tokenizer, question_classes)
     splits = model_splits(rows, config.FOLDS, config.SEED)
     log.info("%s: %d rows, %d classes, %s; prompt tokens mean %.0f p95 %.0f max %d, context shortened in %d rows",
@@ -450,7 +508,8 @@ def train_question(question_id, rows, backbone):
              prompt_stats["mean_tokens"], prompt_stats["p95_tokens"], prompt_stats["max_tokens"], prompt_stats["shortened"])
     # Repeated texts never straddle a split, so resolving them over all rows equals resolving each training side.
     splits = [(train_idx[data.trainable[train_idx]], val_idx) for train_idx, val_idx in splits]
-    result["prior_map3"] = label_prior_map3(data, splits)
+    prior_scores = label_prior_scores(data, splits)
+    result["prior_map3"] = float(np.nanmean(prior_scores))
     folds = [None] if config.FOLDS == 1 else list(range(config.FOLDS))
     starts = [global_start(config.INIT_FROM, question_id, classes, fold) if config.INIT_FROM else None for fold in folds]
     if config.INIT_FROM:
@@ -461,7 +520,14 @@ def train_question(question_id, rows, backbone):
     oof = {checkpoint: np.zeros((len(rows), len(labels))) for checkpoint in ("best_map3", "best")}
     fold_results = []
     for fold, (train_idx, val_idx), start in zip(folds, splits, starts):
-        fold_result, probs = train_fold(question_id, fold, data, train_idx, val_idx, backbone, start)
+        finished = None if fold is None or config.OVERWRITE else finished_fold(question_id, fold, rows)
+        if finished:
+            fold_result, probs = finished
+            log.info("%s fold %d: finished in an earlier run, kept", report.model_name(question_id), fold)
+        else:
+            fold_result, probs = train_fold(question_id, fold, data, train_idx, val_idx, backbone, start)
+            if fold is not None:
+                save_finished_fold(question_id, fold, rows, fold_result, probs)
         fold_results.append(fold_result)
         fold_of_row[val_idx] = fold or 0
         for checkpoint in oof:
@@ -469,12 +535,18 @@ def train_question(question_id, rows, backbone):
         if fold is not None:
             log.info("%s fold %d: best MAP@3 %.4f, final %.4f", question_id, fold, fold_result["best_map3"], fold_result["final_map3"])
     result.update(status="succeeded", prompt_stats=prompt_stats)
-    scored = np.concatenate([val_idx for _, val_idx in splits])
+    scored = np.sort(np.concatenate([val_idx for _, val_idx in splits]))
     if question_id == config.GLOBAL:
         result["per_question_final_map3"] = map3_by_question(data, labels, oof["best"][scored], scored)
+    scores = write_oof(question_id, data, labels, fold_of_row, oof, scored)
+    final_ranked = decode_top_k(oof["best"][scored], labels, [data.correct[i] for i in scored], config.CORRECTNESS_MASK,
+                                allowed=data.label_mask(scored, labels))
+    result.update(stall_test(average_precisions(data.rows[TARGET_COLUMN].to_numpy()[scored], final_ranked),
+                             prior_scores[scored]))
     if config.FOLDS == 1:
         return {**result, **fold_results[0]}
-    scores = write_oof(question_id, data, labels, fold_of_row, oof)
+    for fold in folds:
+        shutil.rmtree(finished_fold_dir(question_id, fold), ignore_errors=True)
     return {
         **result, "fold_results": fold_results,
         # Over every row, each predicted by the fold model that did not see it.
@@ -485,28 +557,90 @@ def train_question(question_id, rows, backbone):
     }
 
 
+def finished_fold_dir(question_id, fold):
+    return os.path.join(config.get_question_output_dir(question_id), f"fold_{fold}", "finished")
+
+
+def save_finished_fold(question_id, fold, rows, fold_result, probs):
+    """Keep a finished fold of a K-fold model: its results, its validation probabilities and what it was made from."""
+    folder = finished_fold_dir(question_id, fold)
+    staging = folder + ".tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    np.savez(os.path.join(staging, "probabilities.npz"), **probs)
+    write_json_atomic(os.path.join(staging, "fold.json"), {**model_inputs(rows), "result": fold_result})
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+
+
+def finished_fold(question_id, fold, rows):
+    """(fold results, validation probabilities) of a fold an earlier run finished with the same inputs, else None."""
+    folder = finished_fold_dir(question_id, fold)
+    adapters = [config.get_question_model_path(question_id, checkpoint, fold) for checkpoint in ("best", "best_map3")]
+    if not (os.path.isfile(os.path.join(folder, "fold.json"))
+            and all(os.path.isfile(os.path.join(path, "adapter_config.json")) for path in adapters)):
+        return None
+    recorded = read_json(os.path.join(folder, "fold.json"))
+    changed = changed_inputs(recorded, rows)
+    if changed:
+        log.info("%s fold %d: finished with other inputs (%s), retraining", report.model_name(question_id), fold,
+                 ", ".join(changed))
+        return None
+    with np.load(os.path.join(folder, "probabilities.npz")) as stored:
+        return recorded["result"], {name: stored[name] for name in stored.files}
+
+
+# A model is stalled when its lead over the label prior on the validation rows is within this many standard errors
+# of the paired per-row difference: about a 2.5% chance that a model no better than the prior leads by more.
+STALL_STANDARD_ERRORS = 2.0
+
+
+def stall_test(model_scores, prior_scores):
+    """{lead_over_prior, stall_margin, stalled}: the model's MAP@3 minus the label prior's on the same rows, and
+    whether that lead is within STALL_STANDARD_ERRORS of noise at this many rows."""
+    differences = np.asarray(model_scores) - np.asarray(prior_scores)
+    margin = STALL_STANDARD_ERRORS * differences.std(ddof=1) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+    lead = float(differences.mean())
+    return {"lead_over_prior": lead, "stall_margin": float(margin), "stalled": bool(lead <= margin)}
+
+
 def training_settings():
     """The current TRAINING_SETTINGS as they read back from a results JSON."""
     return json.loads(json.dumps({name: getattr(config, name) for name in TRAINING_SETTINGS}))
 
 
-def is_complete(question_id):
-    """Results exist, were trained with the current training settings and, for a trained question, both
-    adapters are on disk."""
+def model_inputs(rows):
+    """What makes a model what it is, as its results record it: training settings, rows and starting model."""
+    return {"training_settings": training_settings(), "rows_hash": rows_hash(rows), "init_from_hash": init_from_hash()}
+
+
+def changed_inputs(recorded, rows):
+    """Why a model recorded with `recorded` (a result, or a finished fold) is not this run's: [] when it is."""
+    current = model_inputs(rows)
+    settings = recorded.get("training_settings")
+    if settings is None:
+        return ["no recorded training settings"]
+    reasons = [f"{config.SETTINGS[name].flag} {settings.get(name)} -> {current['training_settings'][name]}"
+               for name in TRAINING_SETTINGS if settings.get(name) != current["training_settings"][name]]
+    if recorded.get("rows_hash") != current["rows_hash"]:
+        reasons.append("other rows (--train-data or --questions changed)")
+    if recorded.get("init_from_hash") != current["init_from_hash"]:
+        reasons.append("another starting model (--init-from, or its global model retrained)")
+    return reasons
+
+
+def is_complete(question_id, rows):
+    """Results exist, were trained with the current training settings, on these rows, from the same starting model
+    and, for a trained question, both adapters are on disk."""
     path = config.get_question_results_path(question_id)
     if not os.path.isfile(path):
         return False
     result = read_json(path)
     if result["status"] not in ("succeeded", "skipped"):
         return False
-    if "training_settings" not in result:
-        log.info("%s: results without recorded training settings, retraining", report.model_name(question_id))
-        return False
-    recorded, current = result["training_settings"], training_settings()
-    changed = [name for name in TRAINING_SETTINGS if recorded.get(name) != current[name]]
+    changed = changed_inputs(result, rows)
     if changed:
-        log.info("%s: trained with other settings (%s), retraining", report.model_name(question_id),
-                 ", ".join(f"{config.SETTINGS[name].flag} {recorded.get(name)} -> {current[name]}" for name in changed))
+        log.info("%s: trained with other inputs (%s), retraining", report.model_name(question_id), ", ".join(changed))
         return False
     folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
     adapters = all(os.path.isfile(os.path.join(config.get_question_model_path(question_id, checkpoint, fold), "adapter_config.json"))
@@ -546,7 +680,7 @@ def run_question(question_id, rows, backbone):
         logging.getLogger().removeHandler(handler)
         handler.close()
     result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
-                  device=str(device), training_settings=training_settings(),
+                  device=str(device), recipe=config.RECIPE, **model_inputs(rows),
                   versions={library: importlib.metadata.version(library) for library in LIBRARIES}, **peak_memory_mb(device))
     write_json_atomic(config.get_question_results_path(question_id), result)
     return result
@@ -565,8 +699,9 @@ def write_summary(question_ids):
         "failed": sum(r["status"] == "failed" for r in results.values()),
         "skipped": sum(r["status"] == "skipped" for r in results.values()),
         "missing": [q for q in question_ids if q not in results],
-        "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "prior_map3", "rows",
-                                                              "num_classes", "val_rows", "seconds", "error")}
+        "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "prior_map3", "stalled",
+                                                              "lead_over_prior", "stall_margin", "rows", "num_classes",
+                                                              "val_rows", "seconds", "error")}
                          for q, r in results.items()},
         # Row-weighted, so a question counts as much as its rows do in the competition's metric. The final
         # checkpoint's score is the estimate; best_map3 was selected on the same rows, so it is optimistic.
@@ -580,7 +715,10 @@ def write_summary(question_ids):
     global_result = read_question_results([config.GLOBAL]).get(config.GLOBAL)
     if global_result:
         summary["global"] = {key: global_result.get(key) for key in (
-            "status", "best_map3", "final_map3", "val_rows", "seconds", "error", "per_question_final_map3")}
+            "status", "best_map3", "final_map3", "prior_map3", "stalled", "val_rows", "seconds", "error",
+            "per_question_final_map3")}
+    if os.path.isfile(sources_path()):
+        summary["sources"] = read_json(sources_path())
     log_settings_groups(summary["training_settings"])
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
     report.plot_summary(results, summary, global_result)
@@ -596,7 +734,7 @@ def models_to_fit(df, question_id):
 
 def models_to_train(df, question_id):
     """Models a run fits for this question (or GLOBAL): none when its results are complete, else models_to_fit."""
-    if not config.OVERWRITE and is_complete(question_id):
+    if not config.OVERWRITE and is_complete(question_id, model_rows(df, question_id)):
         return 0
     return models_to_fit(df, question_id)
 
@@ -629,16 +767,13 @@ def train_questions(df, question_ids, device, progress):
     backbone = None
     MapTrainer.progress = progress
     for question_id in question_ids:
-        if not config.OVERWRITE and is_complete(question_id):
-            log.info("%s: results complete, skipping (use --overwrite to retrain)", question_id)
+        rows = model_rows(df, question_id)
+        if not config.OVERWRITE and is_complete(question_id, rows):
+            log.info("%s: results complete, skipping (use --overwrite to retrain)", report.model_name(question_id))
             continue
         models = models_to_fit(df, question_id)
         if backbone is None:
             backbone = load_backbone(config.MODEL_NAME, device)
-        if question_id == config.GLOBAL:
-            rows = df[df["QuestionId"].isin(config.QUESTION_IDS)].reset_index(drop=True)
-        else:
-            rows = df[df["QuestionId"] == question_id].reset_index(drop=True)
         result = run_question(question_id, rows, backbone)
         progress.question_done(models, report.question_line(result))
 
@@ -746,51 +881,100 @@ def resolve_prompt_version():
         config.update({"PROMPT_VERSION": GLOBAL_PROMPT_VERSION})
 
 
+def run_stages():
+    """The stages this run trains, each as the full settings: the recipe's STAGES over the run's settings, flags
+    over both. --scope keeps the stages of that scope, --init-from the question stages; a question stage after a
+    global stage of the same run starts from it (--init-from this output dir)."""
+    stages = config.STAGES
+    if "SCOPE" in config.GIVEN:
+        stages = [stage for stage in stages if stage.get("SCOPE") == config.SCOPE] or [{}]
+    if "INIT_FROM" in config.GIVEN:
+        stages = [stage for stage in stages if stage.get("SCOPE") == "question"] or [{}]
+    base = config.snapshot()
+    settings, global_before = [], False
+    for stage in stages:
+        stage_settings = config.stage_settings(stage, base)
+        if stage_settings["SCOPE"] == "question" and global_before and "INIT_FROM" not in config.GIVEN:
+            stage_settings["INIT_FROM"] = stage_settings["OUTPUT_DIR"]
+        global_before |= stage_settings["SCOPE"] == "global"
+        settings.append(stage_settings)
+    return settings
+
+
+def train_stage(df):
+    """Train the models of the current settings' stage; returns the QuestionIds (or GLOBAL) it trained."""
+    question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
+    resolve_prompt_version()
+    if config.SCOPE == "global":
+        if config.INIT_FROM:
+            raise InputError("--init-from starts per-question models from a global one: use it with --scope question")
+        question_ids = [config.GLOBAL] if config.SHARD == "1/1" else []
+    elif config.INIT_FROM:
+        init_from_result(config.INIT_FROM, df, question_ids)  # a mismatch stops here, before any question's results are replaced
+    if not config.INIT_FROM:  # a started model keeps its global adapter's layers
+        check_lora_targets()
+    devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
+    for device in devices:  # a bad --precision stops here, not inside the workers
+        resolve_precision(config.PRECISION, device)
+    total = sum(models_to_train(df, question_id) for question_id in question_ids)
+    log.info("training %s (%d models) on %s", "the global model" if config.SCOPE == "global"
+             else f"{len(question_ids)} questions" + (" from the global model" if config.INIT_FROM else ""),
+             total, ", ".join(devices))
+    # Bars on a terminal, for one process only: workers' bars would overwrite each other. Every GPU run
+    # trains in a worker process pinned to its GPU.
+    progress = report.RunProgress(total, bars=devices == ["cpu"])
+    with logging_redirect_tqdm():  # log lines printed above the bars, not through them
+        if devices == ["cpu"]:
+            train_questions(df, question_ids, "cpu", progress)
+        else:
+            train_parallel(df, question_ids, devices, progress)
+    progress.close()
+    return question_ids
+
+
+def failed_models(question_ids):
+    results = read_question_results(question_ids)
+    return [q for q in question_ids if results.get(q, {}).get("status") == "failed"]
+
+
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], "train", argv)
+    config.parse_args(__doc__.splitlines()[0], "train", argv, recipe=config.DEFAULT_RECIPE)
     setup_logging()
+    trained, failed = [], []
     try:
         if config.DEMO:
             from demo.synthetic import prepare_demo
             prepare_demo()
+        stages = run_stages()
         if not config.SUMMARIZE_ONLY:
             df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
             absent = [q for q in config.QUESTION_IDS if q not in set(df["QuestionId"])]
             if absent:
                 raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
-            question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
-            resolve_prompt_version()
-            if config.SCOPE == "global":
-                if config.INIT_FROM:
-                    raise InputError("--init-from starts per-question models from a global one: use it with --scope question")
-                question_ids = [config.GLOBAL] if config.SHARD == "1/1" else []
-            elif config.INIT_FROM:
-                init_from_result(config.INIT_FROM)  # a mismatch stops here, before any question's results are replaced
-            if not config.INIT_FROM:  # a started model keeps its global adapter's layers
-                check_lora_targets()
-            devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
-            for device in devices:  # a bad --precision stops here, not inside the workers
-                resolve_precision(config.PRECISION, device)
-            total = sum(models_to_train(df, question_id) for question_id in question_ids)
-            log.info("training %s (%d models) on %s", "the global model" if config.SCOPE == "global"
-                     else f"{len(question_ids)} questions", total, ", ".join(devices))
-            # Bars on a terminal, for one process only: workers' bars would overwrite each other. Every GPU run
-            # trains in a worker process pinned to its GPU.
-            progress = report.RunProgress(total, bars=devices == ["cpu"])
-            with logging_redirect_tqdm():  # log lines printed above the bars, not through them
-                if devices == ["cpu"]:
-                    train_questions(df, question_ids, "cpu", progress)
-                else:
-                    train_parallel(df, question_ids, devices, progress)
-            progress.close()
+            for number, stage in enumerate(stages, 1):
+                config.update(stage)
+                if len(stages) > 1:
+                    log.info("stage %d of %d (%s): %s", number, len(stages), config.RECIPE, stage_text(stage, stages[0]))
+                trained += train_stage(df)
+                failed = failed_models(trained)
+                if failed and number < len(stages):
+                    log.error("%s failed: the later stages of %s were not trained", report.model_name(failed[0]),
+                              config.RECIPE)
+                    break
+            choose_sources(df)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     summary = write_summary(config.QUESTION_IDS)
     print(report.training_table(summary), flush=True)
-    if config.SUMMARIZE_ONLY:
-        return 0
-    return 1 if any(summary["per_question"].get(str(q), {}).get("status") == "failed" for q in question_ids) else 0
+    return 1 if failed else 0
+
+
+def stage_text(stage, first):
+    """A stage's scope and the flags by which it differs from the first stage (all of them for the first)."""
+    shown = [name for name in ("SCOPE", "EPOCHS", "LEARNING_RATE", "EVAL_STEPS", "INIT_FROM")
+             if stage is first or stage[name] != first[name]]
+    return ", ".join(f"{config.SETTINGS[name].flag} {stage[name]}" for name in shown if stage[name] != "")
 
 
 if __name__ == "__main__":

@@ -131,16 +131,27 @@ def fit_label_encoder(labels, path):
     return encoder
 
 
-def map_at_k(true_labels, predicted, k=TOP_K):
-    """Competition MAP@k for one true label per row: 1/rank of its first appearance in the top k."""
-    if len(true_labels) == 0:
-        return 0.0
-    total = 0.0
-    for truth, ranked in zip(true_labels, predicted):
+def average_precisions(true_labels, predicted, k=TOP_K):
+    """Per row, the competition's score for one true label: 1/rank of its first appearance in the top k, else 0."""
+    scores = np.zeros(len(true_labels))
+    for row, (truth, ranked) in enumerate(zip(true_labels, predicted)):
         ranked = list(ranked)[:k]
         if truth in ranked:
-            total += 1.0 / (ranked.index(truth) + 1)
-    return total / len(true_labels)
+            scores[row] = 1.0 / (ranked.index(truth) + 1)
+    return scores
+
+
+def map_at_k(true_labels, predicted, k=TOP_K):
+    """Competition MAP@k: the mean of average_precisions."""
+    return float(average_precisions(true_labels, predicted, k).mean()) if len(true_labels) else 0.0
+
+
+def paired_difference(differences, samples=2000, seed=0):
+    """Mean of per-row differences between two predictions of the same rows, and its bootstrap 95% interval."""
+    differences = np.asarray(differences, dtype=float)
+    rng = np.random.default_rng(seed)
+    boot = differences[rng.integers(0, len(differences), (samples, len(differences)))].mean(axis=1)
+    return float(differences.mean()), tuple(float(x) for x in np.percentile(boot, [2.5, 97.5]))
 
 
 def softmax(logits):
@@ -194,6 +205,14 @@ def label_probabilities(logits, classes, correct, allowed=None):
     return full_labels(classes), np.stack(columns, axis=1)
 
 
+def question_label_mask(question_ids, labels, question_classes):
+    """Rows x full `labels`: True where the label decodes from a class a row's question has (all for unknown questions)."""
+    labels = np.asarray(labels)
+    masks = {question: np.isin(labels, full_labels(classes)) for question, classes in question_classes.items()}
+    everything = np.ones(len(labels), dtype=bool)
+    return np.array([masks.get(str(question_id), everything) for question_id in question_ids]).reshape(len(question_ids), len(labels))
+
+
 def full_labels(classes):
     """The Category:Misconception labels a model's classes decode to (label_probabilities' columns)."""
     labels = []
@@ -213,11 +232,12 @@ def blend_probabilities(parts):
     return labels, blended
 
 
-def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
+def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K, allowed=None):
     """Top-k labels per row, as lists of k distinct strings.
 
     With `mask`, labels whose True_/False_ prefix contradicts the row's answer correctness (`correct`:
-    True/False/None per row) rank below all others. Rows of fewer than k classes are filled from
+    True/False/None per row) rank below all others. `allowed` (rows x classes) leaves out the labels a row's
+    question never has (a global model's other questions). Rows of fewer than k classes are filled from
     `fill_labels` (most frequent first).
     """
     classes = np.asarray(classes)
@@ -227,9 +247,13 @@ def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K):
         for row, verdict in enumerate(correct):
             if verdict is not None:
                 scores[row] += 2.0 * (is_true_label == verdict)
+    if allowed is not None:
+        scores[~allowed] = -np.inf
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     decoded = []
-    for row_order in order:
+    for row, row_order in enumerate(order):
+        if allowed is not None:
+            row_order = row_order[allowed[row, row_order]]
         labels = list(classes[row_order])
         labels += [label for label in fill_labels if label not in labels][: k - len(labels)]
         decoded.append(labels)

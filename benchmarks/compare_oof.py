@@ -19,7 +19,8 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
-from utils import blend_probabilities, correctness_of, decode_top_k, map_at_k, read_competition_csv  # noqa: E402
+from utils import (blend_probabilities, correctness_of, decode_top_k, full_labels, map_at_k,  # noqa: E402
+                   paired_difference, read_competition_csv, read_json)
 
 
 def read_oof(run, checkpoint, question_of):
@@ -27,7 +28,15 @@ def read_oof(run, checkpoint, question_of):
     question (a global model's file has every selected question's rows)."""
     if os.path.basename(os.path.normpath(run)) == config.GLOBAL:
         table = pd.read_csv(os.path.join(run, f"oof_{checkpoint}.csv"), keep_default_na=False, dtype={"row_id": str})
-        return {int(q): part.set_index("row_id") for q, part in table.groupby(table["row_id"].map(question_of))}
+        results = os.path.join(os.path.dirname(os.path.normpath(run)), "summary", "global_results.json")
+        question_classes = read_json(results).get("question_classes", {}) if os.path.isfile(results) else {}
+        tables = {}
+        for question_id, part in table.groupby(table["row_id"].map(question_of)):
+            # Only the question's labels, as submit.py ranks them.
+            classes = question_classes.get(str(question_id))
+            labels = [l for l in part.columns[3:] if classes is None or l in full_labels(classes)]
+            tables[int(question_id)] = part.set_index("row_id")[["fold", "label", *labels]]
+        return tables
     tables = {}
     for path in glob.glob(os.path.join(run, "question_*", f"oof_{checkpoint}.csv")):
         question_id = int(os.path.basename(os.path.dirname(path)).split("_")[1])
@@ -47,13 +56,6 @@ def row_scores(table, labels, probs, correct_by_row):
 def parts(table):
     labels = list(table.columns[2:])
     return labels, table[labels].to_numpy(float)
-
-
-def paired(differences, samples=2000, seed=0):
-    """Mean of the per-row differences and its bootstrap 95% interval."""
-    rng = np.random.default_rng(seed)
-    boot = differences[rng.integers(0, len(differences), (samples, len(differences)))].mean(axis=1)
-    return differences.mean(), np.percentile(boot, [2.5, 97.5])
 
 
 def compare(train_data, run_a, run_b, checkpoint, blend_weights=()):
@@ -79,7 +81,7 @@ def compare(train_data, run_a, run_b, checkpoint, blend_weights=()):
         per_question[question_id] = (len(a), {name: score.mean() for name, score in scores.items()})
         for name, score in scores.items():
             differences.setdefault(name, []).append((score - scores["A"]).to_numpy())
-    return per_question, [(name, *paired(np.concatenate(diffs))) for name, diffs in differences.items() if name != "A"]
+    return per_question, [(name, *paired_difference(np.concatenate(diffs))) for name, diffs in differences.items() if name != "A"]
 
 
 def main(argv=None):

@@ -8,7 +8,8 @@ on the rest with train.py and the given flags, then scores each fold model and t
     python benchmarks/fold_ensemble.py --model /work/minilm --train-data train.csv --questions 33471,109465 \
         --folds 3 --output-dir runs/fold_ensemble --lora-targets query,key,value,dense --prompt-version create_prompt_v1
 
-The training rows go to OUTPUT_DIR/dev.csv; the held-out rows' scores to OUTPUT_DIR/summary/fold_ensemble.json.
+It trains per-question models from scratch (recipes/seed.py) unless a recipe is given first. The training rows go
+to OUTPUT_DIR/dev.csv; the held-out rows' scores to OUTPUT_DIR/summary/fold_ensemble.json.
 """
 import os
 import sys
@@ -68,14 +69,15 @@ def score_holdout(holdout):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     setup_logging()
-    config.parse_args(__doc__.splitlines()[0], "train", argv)
+    args = config.parse_args(__doc__.splitlines()[0], "train", argv, recipe=config.SEED_RECIPE)
     if config.FOLDS < 2:
         raise SystemExit("error: --folds must be at least 2 for a fold ensemble")
     dev, holdout = split_holdout(read_competition_csv(config.TRAIN_DATA_PATH, labelled=True))
     os.makedirs(config.OUTPUT_DIR, exist_ok=True)
     dev_path = os.path.join(config.OUTPUT_DIR, "dev.csv")
     dev.to_csv(dev_path, index=False)
-    if train.main([*argv, "--train-data", dev_path]) != 0:
+    flags = [arg for arg in argv if arg != args.recipe]
+    if train.main([args.recipe, *flags, "--train-data", dev_path]) != 0:
         raise SystemExit("error: training failed; see the log above")
     results = score_holdout(holdout)
     write_json_atomic(os.path.join(config.get_summary_dir(), "fold_ensemble.json"), results)

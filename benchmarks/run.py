@@ -227,7 +227,7 @@ def timed_training(df, rows_per_question, work_dir):
     subset_path = os.path.join(work_dir, "train_subset.csv")
     subset.drop(columns=[TARGET_COLUMN]).to_csv(subset_path, index=False)
 
-    argv = ["--model", config.MODEL_NAME, "--train-data", subset_path, "--output-dir", config.OUTPUT_DIR,
+    argv = [config.SEED_RECIPE, "--model", config.MODEL_NAME, "--train-data", subset_path, "--output-dir", config.OUTPUT_DIR,
             "--questions", ",".join(map(str, config.QUESTION_IDS)), "--prompt-version", config.PROMPT_VERSION,
             "--max-len", str(config.MAX_LEN), "--epochs", str(config.EPOCHS), "--batch-size", str(config.TRAIN_BATCH_SIZE),
             "--eval-batch-size", str(config.EVAL_BATCH_SIZE), "--pad-to-multiple-of", str(config.PAD_TO_MULTIPLE_OF),

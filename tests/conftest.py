@@ -51,8 +51,10 @@ def test_csv(train_csv, tmp_path_factory):
     return str(path)
 
 
-def train_args(model, data, output_dir, *extra):
-    return ["--model", model, "--train-data", data, "--output-dir", str(output_dir), *FAST, *extra]
+# Per-question models only, as the tests of per-question training expect; tests of the default recipe (a global
+# model, then per-question models) give DEFAULT_RECIPE.
+def train_args(model, data, output_dir, *extra, recipe=config.SEED_RECIPE):
+    return [recipe, "--model", model, "--train-data", data, "--output-dir", str(output_dir), *FAST, *extra]
 
 
 @pytest.fixture(scope="session")

@@ -74,7 +74,9 @@ def test_fold_ensemble_is_the_mean_of_the_fold_models(folded, tiny_model, test_c
 
 def test_resume_needs_every_fold(folded, tiny_model, train_csv):
     # The run's own settings: results trained with other ones are incomplete anyway.
-    config.parse_args("x", "train", train_args(tiny_model, train_csv, folded["output_dir"], "--folds", "3"))
-    assert train.is_complete(QUESTIONS[0])
+    config.parse_args("x", "train", train_args(tiny_model, train_csv, folded["output_dir"], "--folds", "3"),
+                      recipe=config.DEFAULT_RECIPE)
+    rows = train.model_rows(read_competition_csv(train_csv, labelled=True), QUESTIONS[0])
+    assert train.is_complete(QUESTIONS[0], rows)
     os.remove(config.get_question_model_path(QUESTIONS[0], "best", 2) + "/adapter_config.json")
-    assert not train.is_complete(QUESTIONS[0])
+    assert not train.is_complete(QUESTIONS[0], rows)

@@ -80,7 +80,7 @@ def test_a_mismatched_init_from_stops_before_any_question_is_retrained(both_scop
     finally:
         config.update(saved)
     assert code == 2
-    assert capsys.readouterr().err.strip() == (f"error: --init-from {output_dir}: the global model has label_space "
+    assert capsys.readouterr().err.strip() == (f"error: --init-from {output_dir}: the global model has --label-space "
                                                "suffix, this run full (give --label-space suffix)")
     assert {question_id: results(output_dir, question_id) for question_id in QUESTIONS} == before
 
@@ -100,7 +100,7 @@ def test_validate_system_checks_init_from(both_scopes, tiny_model, train_csv, ca
     global_result = results(output_dir, config.GLOBAL)
     assert lines == [f"✓ init from: {output_dir}: global model over 3 questions, 2 fold(s), suffix labels, prompt "
                      f"{GLOBAL_PROMPT_VERSION}, MAP@3 {global_result['final_map3']:.4f}",
-                     f"✗ init from: --init-from {output_dir}: the global model has label_space suffix, this run full "
+                     f"✗ init from: --init-from {output_dir}: the global model has --label-space suffix, this run full "
                      "(give --label-space suffix)"]
 
 

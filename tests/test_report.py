@@ -34,9 +34,9 @@ def demo(tmp_path_factory):
 
 
 def evaluations_logged(output_dir):
-    """Every evaluation the Trainers recorded: {(question, fold): count}."""
+    """Every evaluation the Trainers recorded (the global model and the questions): {log file: count}."""
     counts = {}
-    for path in glob.glob(f"{output_dir}/question_*/logs/log_history_fold_*.json"):
+    for path in glob.glob(f"{output_dir}/*/logs/log_history_fold_*.json"):
         counts[path] = sum("eval_map3" in entry for entry in read_json(path))
     return counts
 
@@ -63,16 +63,26 @@ def test_one_line_per_question_with_progress_and_the_closing_tables(demo):
         assert len(done) == 1 and re.search(r"\[\d/4 models, [\d:]+ elapsed, about [\d:]+ left\]$", done[0]), done
     header = demo["train"].index(next(line for line in demo["train"] if line.startswith("question  rows")))
     summary = read_json(os.path.join(demo["output_dir"], "summary", "all_questions_summary.json"))
+    sources = summary["sources"]["best_map3"]["questions"]
     for line, question_id in zip(demo["train"][header + 1:], QUESTIONS):
         entry = summary["per_question"][str(question_id)]
-        assert line.split() == [str(question_id), "150", str(entry["num_classes"]), f"{entry['best_map3']:.4f}",
-                                f"{entry['final_map3']:.4f}", f"{entry['prior_map3']:.4f}", f"{entry['seconds']:.1f}", "succeeded"]
-    assert demo["train"][header + 3].startswith(f"overall (row-weighted, 300 validation rows): MAP@3 {summary['overall_final_map3']:.4f} "
+        assert line.split()[:8] == [str(question_id), "150", str(entry["num_classes"]), f"{entry['best_map3']:.4f}",
+                                    f"{entry['final_map3']:.4f}", f"{entry['prior_map3']:.4f}", f"{entry['seconds']:.1f}",
+                                    "stalled" if entry["stalled"] else "succeeded"]
+        assert line.endswith(report.source_text(sources[str(question_id)]))
+    # The default recipe: a global model, then the question models started from it.
+    assert demo["train"][header + 3].startswith("global model succeeded: MAP@3 ")
+    assert demo["train"][header + 4].startswith("submit.py's sources (best_map3, 300 rows): MAP@3 ")
+    assert demo["train"][header + 5].startswith(f"overall (row-weighted, 300 validation rows): MAP@3 {summary['overall_final_map3']:.4f} "
                                                 f"(final checkpoint; best_map3 {summary['overall_best_map3']:.4f}, selected on these same rows)")
     predicted = [line.split() for line in demo["submit"] if re.match(r"\s*\d+\s+\d+\s+\S", line)]
     test_ids = set(pd.read_csv(os.path.join(demo["output_dir"], "inputs", "test.csv"))["QuestionId"])
     assert [int(row[0]) for row in predicted] == sorted(test_ids)
-    assert {" ".join(row[2:-1]) for row in predicted if int(row[0]) in QUESTIONS} == {"model (2 folds)"}
+    expected = {0.0: "model (2 folds)", 1.0: "global model (2 folds)"}
+    for row in predicted:
+        if int(row[0]) in QUESTIONS:
+            weight = sources[row[0]]["global_weight"]
+            assert " ".join(row[2:-1]) == expected.get(weight, f"model (2 folds) + global model (2 folds), global weight {weight:g}")
 
 
 def test_pictures_have_one_panel_per_trained_question_and_a_line_per_fold(demo, tmp_path):
@@ -113,7 +123,7 @@ def test_a_global_only_run_closes_with_the_global_line_alone():
     lines = report.training_table(summary).splitlines()
     assert lines[-1].startswith("global model succeeded: MAP@3 0.9100") and "500 validation rows" in lines[-1]
     assert not any(line.startswith("overall") for line in lines)
-    assert [line.split()[-2:] for line in lines if line.lstrip().startswith(("31772", "31774"))] == [["global", "model"]] * 2
+    assert [line.split()[-3:] for line in lines if line.lstrip().startswith(("31772", "31774"))] == [["global", "model", "-"]] * 2
     summary["per_question"] = {"31772": {"status": "succeeded", "rows": 10, "num_classes": 3, "best_map3": 0.9,
                                          "final_map3": 0.9, "prior_map3": 0.8, "seconds": 1.0}}
     summary.update(missing=[31774], val_rows=2, succeeded=1, overall_final_map3=0.9, overall_best_map3=0.9)

@@ -292,7 +292,7 @@ def test_resume_retrains_a_question_trained_with_other_settings(tiny_model, trai
     monkeypatch.setattr(train, "train_question", lambda qid, *a: calls.append(qid) or original(qid, *a))
     assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--epochs", "2")) == 0
     assert calls == [33471]
-    assert "question 33471: trained with other settings (--epochs 1 -> 2), retraining" in caplog.text
+    assert "question 33471: trained with other inputs (--epochs 1 -> 2), retraining" in caplog.text
     caplog.clear()
     assert train.main(["--output-dir", str(tmp_path), "--questions", "33471,104665", "--summarize-only"]) == 0
     assert "questions 33471 trained with --epochs 2" in caplog.messages

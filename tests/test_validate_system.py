@@ -20,6 +20,11 @@ def test_a_good_setup_is_all_ticks(tiny_model, train_csv, test_csv, tmp_path):
         assert any(line.startswith(name) for line in lines), name
     assert any(line.startswith("⚠ classes: questions [109465]") for line in lines)
     assert lines[-1] == "all checks passed"
+    # The default recipe's two stages, each checked.
+    recipe = next(line for line in lines if line.startswith("✓ recipe: "))
+    assert recipe.startswith(f"✓ recipe: {os.path.join(ROOT, 'recipes', 'qwen3_0.6b.py')}: --scope global, --epochs 3")
+    assert "; then --scope question, --epochs 2" in recipe and f"--init-from {tmp_path / 'out'}" in recipe
+    assert sum(line.startswith("✓ config: ") for line in lines) == 2
 
 
 def test_a_broken_setting_is_a_cross_and_exit_1(tiny_model, train_csv, tmp_path):

@@ -2,7 +2,8 @@
 
     python tests/validate_system.py --model /path/to/Qwen3-0.6B --train-data train.csv
 
-Takes the same overrides as train.py. ⚠ lines are warnings: worth reading, not failures.
+Takes the same recipe and overrides as train.py, and checks the settings of each of its stages. ⚠ lines are
+warnings: worth reading, not failures.
 """
 import importlib.metadata
 import os
@@ -191,12 +192,20 @@ def check_output(checks, lora_params):
 
 
 def main(argv=None):
-    config.parse_args(__doc__.splitlines()[0], "train", argv)
-    train.resolve_prompt_version()  # as train.py: the global prompt for --scope global and --init-from
+    config.parse_args(__doc__.splitlines()[0], "train", argv, recipe=config.DEFAULT_RECIPE)
+    stages = train.run_stages()
     checks = Checklist()
     check_environment(checks)
-    check_config(checks)
-    check_init_from(checks)
+    checks.ok("recipe", f"{config.RECIPE}: " + "; then ".join(train.stage_text(stage, stage) for stage in stages))
+    trains_global = any(stage["SCOPE"] == "global" for stage in stages)
+    for stage in stages:
+        config.update(stage)
+        train.resolve_prompt_version()  # as train.py: the global prompt for --scope global and --init-from
+        check_config(checks)
+        if not (trains_global and config.INIT_FROM == config.OUTPUT_DIR):  # else this run trains it first
+            check_init_from(checks)
+    config.update(stages[0])
+    train.resolve_prompt_version()
     tokenizer, lora_params = check_model(checks)
     check_data(checks, tokenizer)
     check_output(checks, lora_params)
