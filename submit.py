@@ -277,6 +277,17 @@ def fallback_report(fallbacks):
     return line, sorted(unexpected)
 
 
+def check_writable(path):
+    """InputError unless the submission can be written at `path`: checked before the first forward pass."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w"):
+            pass
+        os.remove(path + ".tmp")
+    except OSError as error:
+        raise InputError(f"--submission {path}: cannot be written ({error.strerror or error})") from None
+
+
 def write_submission(path, row_ids, predictions):
     """Write the submission, then re-read it and check every row: 3 distinct labels, ids in order."""
     submission = pd.DataFrame({"row_id": list(row_ids), TARGET_COLUMN: [" ".join(labels) for labels in predictions]})
@@ -301,6 +312,12 @@ def main(argv=None):
             from demo.synthetic import prepare_demo
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
+        check_writable(config.SUBMISSION_PATH)
+        if not config.ALLOW_FALLBACK and not read_question_results([*config.QUESTION_IDS, config.GLOBAL]):
+            # A mistyped --output-dir would otherwise write label frequencies for every row, and a notebook's `!python`
+            # cell ignores the exit code.
+            raise InputError(f"--output-dir {config.OUTPUT_DIR}: no training results (summary/*_results.json) for any "
+                             f"question; check the path (--allow-fallback writes label frequencies)")
         started = time.time()
         predictions, done, fallbacks = predict(test_df)
         seconds = time.time() - started

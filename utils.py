@@ -528,8 +528,8 @@ def lora_merged(model):
     """
     layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
     originals = [layer.get_base_layer().weight.detach().clone() for layer in layers]
-    model.merge_adapter()
     try:
+        model.merge_adapter()  # inside: a merge that fails halfway (out of memory) is undone too
         yield model
     finally:
         for layer, weight in zip(layers, originals):

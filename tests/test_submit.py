@@ -110,6 +110,26 @@ def test_merged_lora_predicts_as_unmerged_and_restores_the_base_exactly(adapter_
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
+def test_a_merge_that_fails_halfway_leaves_the_base_as_it_was(adapter_on_fresh_base):
+    """The base model serves every later question: layers merged before the failure must not stay merged."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from utils import lora_merged
+    _, before, model, _ = adapter_on_fresh_base
+    layers = [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("simulated out of memory")
+
+    layers[len(layers) // 2].merge = out_of_memory
+    with pytest.raises(RuntimeError, match="simulated out of memory"):
+        with lora_merged(model):
+            pass
+    assert not any(layer.merged for layer in layers)
+    after = base_weights(model.unload())
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
 def test_correctness_mask_keeps_predictions_on_the_side_of_the_answer(trained, tiny_model, test_csv, tmp_path):
     test = pd.read_csv(test_csv, keep_default_na=False, dtype=str)
     masked = read_submission(run_submit(trained, tiny_model, test_csv, tmp_path)[1])
@@ -174,15 +194,33 @@ def test_broken_adapter_falls_back_to_label_frequencies_and_exits_1(trained, tin
     assert written.loc[other].equals(reference.loc[other])
 
 
-def test_missing_summary_is_a_failure_unless_fallback_is_allowed(trained, tiny_model, test_csv, tmp_path, capsys):
+def test_no_training_results_stop_before_anything_is_written_unless_fallback_is_allowed(
+        trained, tiny_model, test_csv, tmp_path, capsys):
+    """A mistyped --output-dir (or summary/ missing from a dataset) wrote label frequencies for every row, exit 1,
+    which a notebook's `!python` cell ignores."""
     run = copy_run(trained, tmp_path)
     shutil.rmtree(os.path.join(run["output_dir"], "summary"))
     code, path = run_submit(run, tiny_model, test_csv, tmp_path)
-    assert code == 1 and len(read_submission(path)) == len(pd.read_csv(test_csv))
+    assert code == 2 and not os.path.exists(path)
+    assert capsys.readouterr().err.strip() == (f"error: --output-dir {run['output_dir']}: no training results "
+                                               "(summary/*_results.json) for any question; check the path "
+                                               "(--allow-fallback writes label frequencies)")
+    code, path = run_submit(run, tiny_model, test_csv, tmp_path, "--allow-fallback")
+    assert code == 0 and len(read_submission(path)) == len(pd.read_csv(test_csv))
     questions = pd.read_csv(test_csv)["QuestionId"].nunique()
     assert capsys.readouterr().out.splitlines()[-1].startswith(
         f"0 of {questions} questions predicted by their model; {questions} by label frequencies (no training results: ")
-    assert run_submit(run, tiny_model, test_csv, tmp_path, "--allow-fallback")[0] == 0
+
+
+def test_an_unwritable_submission_path_stops_before_the_first_forward_pass(trained, tiny_model, test_csv, tmp_path,
+                                                                           capsys, monkeypatch):
+    monkeypatch.setattr(submit, "predict", lambda *args, **kwargs: pytest.fail("predicted before checking the path"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    path = blocker / "submission.csv"
+    code = submit.main(["--model", tiny_model, "--test-data", test_csv, "--output-dir", trained["output_dir"],
+                        "--submission", str(path)])
+    assert code == 2 and capsys.readouterr().err.strip().startswith(f"error: --submission {path}: cannot be written (")
 
 
 def test_an_unreadable_label_encoder_is_replaced_by_the_classes_in_the_results(trained, tiny_model, test_csv, tmp_path, caplog):
