@@ -1,12 +1,15 @@
-"""Train one LoRA sequence classifier per QuestionId.
+"""Train the stages of a recipe: by default a global model, then one LoRA sequence classifier per QuestionId from it.
 
-For each question: its rows, its own label encoder, a stratified train/validation split inside the question
-(or K folds), LoRA fine-tuning with evaluation by MAP@3, `best_map3/` (best validation MAP@3) and `best/`
-(final model). The base model is loaded once per process and each question's LoRA layers are removed after
-it, so start-up is paid once. Questions are independent: with several GPUs one worker process per GPU takes
-them from a shared queue, longest first; `--shard K/N` splits them over machines.
+A recipe (recipes/*.py, default recipes/qwen3_0.6b.py) lists the stages; each trains either one model over the
+rows of all selected questions (--scope global) or one per question (--scope question, started from the global
+model of the same run). For each model: its rows, its own label encoder, a stratified train/validation split
+(or K folds), LoRA fine-tuning with evaluation by MAP@3, `best_map3/` (best validation MAP@3) and `best/` (final
+model), and a stall test against the label prior. The base model is loaded once per process and each model's
+LoRA layers are removed after it, so start-up is paid once. Questions are independent: with several GPUs one
+worker process per GPU takes them from a shared queue, longest first; `--shard K/N` splits them over machines.
+After training, each question's source for submit.py is chosen out of fold (sources.py).
 
-    python train.py --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
+    python train.py [RECIPE.py] --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
 import hashlib
 import importlib.metadata
@@ -917,9 +920,9 @@ def train_stage(df):
     for device in devices:  # a bad --precision stops here, not inside the workers
         resolve_precision(config.PRECISION, device)
     total = sum(models_to_train(df, question_id) for question_id in question_ids)
-    log.info("training %s (%d models) on %s", "the global model" if config.SCOPE == "global"
+    log.info("training %s (%d model%s) on %s", "the global model" if config.SCOPE == "global"
              else f"{len(question_ids)} questions" + (" from the global model" if config.INIT_FROM else ""),
-             total, ", ".join(devices))
+             total, "" if total == 1 else "s", ", ".join(devices))
     # Bars on a terminal, for one process only: workers' bars would overwrite each other. Every GPU run
     # trains in a worker process pinned to its GPU.
     progress = report.RunProgress(total, bars=devices == ["cpu"])

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 import config
+import report
 import sources
 import submit
 import train
 from conftest import SINGLE_CLASS_QUESTION, train_args
-from utils import decode_top_k, read_competition_csv, read_json
+from utils import decode_top_k, read_competition_csv, read_json, read_question_results
 
 QUESTIONS = [31772, 33471, SINGLE_CLASS_QUESTION]
 QUESTION_FLAGS = ["--questions", ",".join(map(str, QUESTIONS)), "--folds", "2", "--epochs", "2"]
@@ -161,6 +162,10 @@ def test_a_stalled_model_is_reported_and_its_question_predicted_by_the_global_mo
         assert " stalled " in row and row.endswith("global model (own model stalled)")
     summary = read_json(os.path.join(output_dir, "summary", "all_questions_summary.json"))
     assert summary["per_question"][str(QUESTIONS[0])]["stalled"] is True
+    config.update({"OUTPUT_DIR": str(output_dir)})
+    bars = report.plot_map3_by_question(read_question_results(QUESTIONS), summary, str(tmp_path / "bars.png"))
+    stalled_ticks = [tick for tick in bars.axes[0].get_yticklabels() if tick.get_text().endswith(" (stalled)")]
+    assert sorted(tick.get_text() for tick in stalled_ticks) == [f"{q} (stalled)" for q in sorted(QUESTIONS[:2])]
     assert summary["sources"]["best_map3"]["questions"][str(QUESTIONS[0])]["global_weight"] == 1.0
     submission = tmp_path / "submission.csv"
     assert submit.main(["--model", tiny_model, "--test-data", test_csv, "--output-dir", str(output_dir),
