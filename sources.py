@@ -86,8 +86,11 @@ def question_sources(df, checkpoint, results, global_table):
                                                               os.path.isfile(oof_path(question_id, checkpoint))) else None
         classes = question_classes.get(str(question_id))
         labels = None if classes is None else set(full_labels(classes))
-        rows = own.index if own is not None else df.loc[df["QuestionId"] == question_id, "row_id"]
-        from_global = global_part(global_table, rows, labels)
+        if own is not None:
+            rows = own.index
+        else:  # the question's rows the global model validated: all of them out of fold, some with one split
+            rows = [] if global_table is None else global_table.index.intersection(df.loc[df["QuestionId"] == question_id, "row_id"])
+        from_global = global_part(global_table, rows, labels) if len(rows) else None
         if own is None and from_global is None:
             continue
         table = own if own is not None else from_global

@@ -277,3 +277,17 @@ def test_decoding_never_ranks_another_questions_label():
     assert decode_top_k(probs, labels, [True], True) == [["True_Correct:NA", "True_Neither:NA", "True_Misconception:X"]]
     assert decode_top_k(probs, labels, [True], True, fill_labels=["False_Neither:NA", "True_Other:NA"],
                         allowed=allowed) == [["True_Correct:NA", "False_Neither:NA", "True_Other:NA"]]
+
+
+def test_with_one_split_a_question_without_a_model_of_its_own_is_scored_on_the_global_models_validation_rows(
+        tiny_model, train_csv, tmp_path):
+    args = train_args(tiny_model, train_csv, tmp_path, "--questions", f"33471,{SINGLE_CLASS_QUESTION}", "--epochs", "1",
+                      recipe=config.DEFAULT_RECIPE)
+    assert run(args) == 0
+    entries = read_json(os.path.join(tmp_path, "summary", "sources.json"))["best"]["questions"]
+    global_oof = pd.read_csv(tmp_path / "global" / "oof_best.csv", keep_default_na=False, dtype={"row_id": str})
+    df = read_competition_csv(train_csv, labelled=True)
+    validated = set(global_oof["row_id"]) & set(df.loc[df["QuestionId"] == SINGLE_CLASS_QUESTION, "row_id"])
+    assert entries[str(SINGLE_CLASS_QUESTION)]["global_weight"] == 1.0
+    assert entries[str(SINGLE_CLASS_QUESTION)]["rows"] == len(validated) > 0
+    assert entries[str(SINGLE_CLASS_QUESTION)]["cross_fold_map3"] is None
