@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 import config
-from utils import (average_precisions, correctness_of, decode_top_k, full_labels, paired_difference, read_json,
-                   read_question_results, write_json_atomic)
+from utils import (average_precisions, blend_probabilities, correctness_of, decode_top_k, paired_difference,
+                   question_label_mask, read_json, read_question_results, write_json_atomic)
 
 GLOBAL_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 CHECKPOINTS = ("best_map3", "best")
@@ -32,17 +32,14 @@ def oof_path(question_id, checkpoint):
 
 
 def blend_scores(own, global_part, correct):
-    """{w: per-row MAP@3 of (1 - w) own + w global} over the rows and labels of a question's OOF table `own`
-    (either may be None: then only the other's weight is scored)."""
+    """{w: per-row MAP@3 of (1 - w) own + w global, blended as submit.py blends} over the rows of a question's OOF
+    table `own` (either may be None: then only the other's weight is scored)."""
     table = own if own is not None else global_part
-    labels = list(table.columns[2:])
-    parts = {0.0: own, 1.0: global_part}
-    probs = {weight: part.loc[table.index].reindex(columns=labels, fill_value=0.0).to_numpy(float)
-             for weight, part in parts.items() if part is not None}
-    weights = GLOBAL_WEIGHTS if len(probs) == 2 else list(probs)
+    parts = {end: (list(part.columns[2:]), part.loc[table.index, part.columns[2:]].to_numpy(float))
+             for end, part in {0.0: own, 1.0: global_part}.items() if part is not None}
     scores = {}
-    for weight in weights:
-        blended = sum((weight if end == 1.0 else 1 - weight) * part for end, part in probs.items())
+    for weight in GLOBAL_WEIGHTS if len(parts) == 2 else list(parts):
+        labels, blended = blend_probabilities([(weight if end else 1 - weight, *part) for end, part in parts.items()])
         ranked = decode_top_k(blended, labels, correct, config.CORRECTNESS_MASK)
         scores[weight] = average_precisions(table["label"].to_numpy(), ranked)
     return scores
@@ -67,11 +64,12 @@ def choose(scores, folds, stalled):
     return weight, cross_fold
 
 
-def global_part(global_table, question_rows, question_labels):
+def global_part(global_table, question_id, question_rows, question_classes):
     """The global model's OOF rows of one question, over that question's labels; None where it has not all of them."""
-    if global_table is None or question_labels is None or not set(question_rows) <= set(global_table.index):
+    if global_table is None or str(question_id) not in question_classes or not set(question_rows) <= set(global_table.index):
         return None
-    return global_table.loc[list(question_rows), ["fold", "label", *[l for l in global_table.columns[2:] if l in question_labels]]]
+    own = question_label_mask([question_id], global_table.columns[2:], question_classes)[0]
+    return global_table.loc[list(question_rows), ["fold", "label", *global_table.columns[2:][own]]]
 
 
 def question_sources(df, checkpoint, results, global_table):
@@ -84,13 +82,11 @@ def question_sources(df, checkpoint, results, global_table):
         result = results.get(question_id, {})
         own = read_oof(oof_path(question_id, checkpoint)) if (result.get("status") == "succeeded" and
                                                               os.path.isfile(oof_path(question_id, checkpoint))) else None
-        classes = question_classes.get(str(question_id))
-        labels = None if classes is None else set(full_labels(classes))
         if own is not None:
             rows = own.index
         else:  # the question's rows the global model validated: all of them out of fold, some with one split
             rows = [] if global_table is None else global_table.index.intersection(df.loc[df["QuestionId"] == question_id, "row_id"])
-        from_global = global_part(global_table, rows, labels) if len(rows) else None
+        from_global = global_part(global_table, question_id, rows, question_classes) if len(rows) else None
         if own is None and from_global is None:
             continue
         table = own if own is not None else from_global

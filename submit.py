@@ -27,8 +27,8 @@ from data_collator import build_data_collator
 from prompts import encode_prompts
 from sources import chosen_weights
 from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, allowed_classes, blend_probabilities, correctness_of,
-                   decode_top_k, frequency_top_k, full_labels, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
-                   lora_merged, predict_logits, read_competition_csv, read_question_results, resolve_precision,
+                   decode_top_k, frequency_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
+                   lora_merged, predict_logits, question_label_mask, read_competition_csv, read_question_results, resolve_precision,
                    setup_logging)
 
 # The last resort when no training results exist at all: still three distinct, plausible labels.
@@ -197,7 +197,7 @@ def global_probabilities(predictor, test_df):
     parts = {}
     for question_id, index in positions.items():
         # Only the question's own labels: another question's label, at probability 0, could still rank third.
-        own = np.isin(labels, full_labels(result["question_classes"][str(question_id)]))
+        own = question_label_mask([question_id], labels, result["question_classes"])[0]
         parts[int(question_id)] = ([label for label, keep in zip(labels, own) if keep], probs[index][:, own], how)
     return parts
 

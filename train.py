@@ -483,7 +483,7 @@ def model_data(rows, targets, classes, tokenizer, question_classes=None):
 def train_question(question_id, rows, backbone):
     """Train one model (a question's, or the global one over `rows`), one split or K folds; return its results.
 
-    A K-fold model keeps each finished fold (fold_<k>/finished.json and its validation probabilities) until the
+    A K-fold model keeps each finished fold (fold_<k>/finished/: its results and validation probabilities) until the
     model is complete, so a run stopped in fold k retrains from fold k.
     """
     targets = training_targets(rows, config.LABEL_SPACE)

@@ -19,8 +19,8 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
-from utils import (blend_probabilities, correctness_of, decode_top_k, full_labels, map_at_k,  # noqa: E402
-                   paired_difference, read_competition_csv, read_json)
+from utils import (blend_probabilities, correctness_of, decode_top_k, map_at_k, paired_difference,  # noqa: E402
+                   question_label_mask, read_competition_csv, read_json)
 
 
 def read_oof(run, checkpoint, question_of):
@@ -33,9 +33,8 @@ def read_oof(run, checkpoint, question_of):
         tables = {}
         for question_id, part in table.groupby(table["row_id"].map(question_of)):
             # Only the question's labels, as submit.py ranks them.
-            classes = question_classes.get(str(question_id))
-            labels = [l for l in part.columns[3:] if classes is None or l in full_labels(classes)]
-            tables[int(question_id)] = part.set_index("row_id")[["fold", "label", *labels]]
+            own = question_label_mask([question_id], part.columns[3:], question_classes)[0]
+            tables[int(question_id)] = part.set_index("row_id")[["fold", "label", *part.columns[3:][own]]]
         return tables
     tables = {}
     for path in glob.glob(os.path.join(run, "question_*", f"oof_{checkpoint}.csv")):
