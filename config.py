@@ -111,6 +111,9 @@ setting("PAD_TO_MULTIPLE_OF", 0, "--pad-to-multiple-of", "pad batches to a multi
         "train submit run gpu")
 setting("PRECISION", "auto", "--precision", "auto (bf16 from compute capability 8.0, fp16 on older GPUs such as T4, fp32 on CPU), bf16, fp16 or fp32",
         "train submit", choices=("auto", "bf16", "fp16", "fp32"))
+setting("CHECKPOINT_EVERY", 1, "--checkpoint-every",
+        "write a checkpoint inside each model every N evaluations, from which rerunning the same command resumes a "
+        "stopped model (0: none; only the last is kept, and none once the model is saved)", "train")
 setting("OVERWRITE", False, "--overwrite", "retrain questions whose results already exist", "train")
 setting("FOLDS", 1, "--folds", "1: one train/validation split; K > 1: K-fold with out-of-fold predictions and a fold ensemble",
         "train baseline")
@@ -184,6 +187,12 @@ def get_question_model_path(question_id, checkpoint=None, fold=None):
     if fold is not None:
         folder = os.path.join(folder, f"fold_{fold}")
     return os.path.join(folder, checkpoint or CHECKPOINT)
+
+
+def get_checkpoint_dir(question_id, fold=None):
+    """The Trainer's work dir of a model in training, with its checkpoints: question_<id>/[fold_<k>/]trainer."""
+    folder = get_question_output_dir(question_id)
+    return os.path.join(folder, "trainer" if fold is None else os.path.join(f"fold_{fold}", "trainer"))
 
 
 def get_question_label_encoder_path(question_id):

@@ -96,10 +96,13 @@ class StepBar(TrainerCallback):
         self.progress = progress
         self.bar = None
         self.started = self.last_line = 0.0
+        self.first_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.bar = tqdm(total=state.max_steps, unit="step", desc="steps", leave=False, dynamic_ncols=True,
-                        disable=not self.progress.bars)
+        # A resumed model begins at its checkpoint's step.
+        self.first_step = state.global_step
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, unit="step", desc="steps", leave=False,
+                        dynamic_ncols=True, disable=not self.progress.bars)
         self.started = self.last_line = time.time()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -111,7 +114,8 @@ class StepBar(TrainerCallback):
         elapsed = now - self.started
         loss = next((entry["loss"] for entry in reversed(state.log_history) if "loss" in entry), None)
         log.info("step %d/%d, training loss %s, %s elapsed, about %s left", state.global_step, state.max_steps,
-                 score_text(loss), seconds_text(elapsed), time_left(elapsed, state.global_step, state.max_steps))
+                 score_text(loss), seconds_text(elapsed),
+                 time_left(elapsed, state.global_step - self.first_step, state.max_steps - self.first_step))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.bar.close()

@@ -4,7 +4,8 @@ A recipe (recipes/*.py, default recipes/qwen3_0.6b.py) lists the stages; each tr
 rows of all selected questions (--scope global) or one per question (--scope question, started from the global
 model of the same run). For each model: its rows, its own label encoder, a stratified train/validation split
 (or K folds), LoRA fine-tuning with evaluation by MAP@3, `best_map3/` (best validation MAP@3) and `best/` (final
-model), and a stall test against the label prior. The base model is loaded once per process and each model's
+model), and a stall test against the label prior; one model's fine-tuning, with the checkpoints from which a
+stopped model goes on, is fine_tune.py. The base model is loaded once per process and each model's
 LoRA layers are removed after it, so start-up is paid once. Questions are independent: with several GPUs one
 worker process per GPU takes them from a shared queue, longest first; `--shard K/N` splits them over machines.
 After training, each question's source for submit.py is chosen out of fold (sources.py).
@@ -25,30 +26,24 @@ import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
-from peft import LoraConfig, TaskType
 from sklearn.model_selection import StratifiedGroupKFold
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
-from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 import config
 import report
+from fine_tune import MapTrainer, ModelData, input_changes, train_fold
 from sources import choose_sources, sources_path
-from data_collator import LengthGroupedBatches, build_data_collator
 from prompts import GLOBAL_PROMPT_VERSION, encode_prompts
-from utils import (HEAD_NAMES, TARGET_COLUMN, InputError, adaptable_layers, allowed_classes, attach_lora, attach_lora_from,
-                   average_precisions, correctness_of, decode_top_k, fit_label_encoder, full_labels, label_probabilities,
-                   load_backbone, log, map_at_k, predict_logits, question_label_mask, read_competition_csv, read_json,
-                   read_question_results, resolve_precision, setup_logging, softmax, training_targets,
-                   unmatched_lora_targets, write_json_atomic)
+from utils import (TARGET_COLUMN, InputError, adaptable_layers, allowed_classes, average_precisions, correctness_of,
+                   decode_top_k, fit_label_encoder, full_labels, load_backbone, log, map_at_k,
+                   read_competition_csv, read_json, read_question_results, resolve_precision, setup_logging,
+                   training_targets, unmatched_lora_targets, write_json_atomic)
 # The settings that change what training produces: each result records them, and a question whose recorded
 # training settings differ from the current ones is retrained.
 TRAINING_SETTINGS = [
@@ -111,25 +106,6 @@ def resolve_duplicates(groups, labels, policy):
     return labels, keep
 
 
-def class_weights(labels, num_classes, power):
-    """Loss weight per class, (rows / class rows) ** power, scaled so the mean weight over the rows is 1."""
-    counts = np.bincount(labels, minlength=num_classes)
-    weights = (len(labels) / np.maximum(counts, 1)) ** power
-    return torch.tensor(weights / weights[labels].mean(), dtype=torch.float32)
-
-
-def training_loss(weights, rows_per_step):
-    """Cross-entropy with class weights and label smoothing, summed over the rows and divided by the nominal
-    rows per optimizer step (batch size x accumulation): the batches vary in size (LengthGroupedBatches), and
-    every row weighs the same wherever it lands."""
-    def loss(outputs, labels, num_items_in_batch=None):
-        logits = outputs["logits"].float()
-        total = F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=config.LABEL_SMOOTHING,
-                                reduction="sum")
-        return total / rows_per_step
-    return loss
-
-
 def fold_splits(rows, folds, seed):
     """[(train indices, validation indices)] per fold: stratified by label, repeated texts on one side.
 
@@ -176,15 +152,6 @@ def label_prior_scores(data, splits):
     return scores
 
 
-def save_adapter(model, path):
-    """Replace `path` by the model's adapter and head, never leaving a half-written directory."""
-    staging = path + ".tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(staging, path)
-
-
 def model_splits(rows, folds, seed):
     """fold_splits of each question, united fold by fold (indices into `rows`).
 
@@ -197,191 +164,6 @@ def model_splits(rows, folds, seed):
         per_question.append([(index[train_idx], index[val_idx]) for train_idx, val_idx in splits])
     return [tuple(np.sort(np.concatenate([splits[k][side] for splits in per_question])) for side in (0, 1))
             for k in range(len(per_question[0]))]
-
-
-@dataclass
-class ModelData:
-    """What one model trains and is validated on: one question's rows, or all selected questions' (global)."""
-    rows: pd.DataFrame
-    input_ids: list
-    classes: list  # the model's labels: Category:Misconception, or their suffixes (--label-space suffix)
-    labels: np.ndarray  # class index of each row
-    train_labels: np.ndarray  # the same after the --duplicates policy
-    trainable: np.ndarray  # False: left out of training by the --duplicates policy
-    correct: list  # whether each row's answer is correct (True/False/None)
-    allowed: np.ndarray = None  # rows x classes: the labels of each row's question (global model), None: all
-    question_classes: dict = None  # QuestionId -> its classes (global model)
-
-    def probabilities(self, logits, index):
-        """(full labels, probabilities) of the rows `index` from the model's logits for them."""
-        allowed = None if self.allowed is None else self.allowed[index]
-        return label_probabilities(logits, self.classes, [self.correct[i] for i in index], allowed)
-
-    def label_mask(self, index, labels):
-        """Rows `index` x full `labels`: the labels a row's question can have, None when all can (a question's model)."""
-        if self.question_classes is None:
-            return None
-        return question_label_mask(self.rows["QuestionId"].to_numpy()[index], labels, self.question_classes)
-
-
-class MapTrainer(Trainer):
-    """A Trainer whose evaluation is the competition's MAP@3, computed as submit.py predicts.
-
-    Every evaluation that beats the best MAP@3 so far rewrites `best_map3_dir`.
-    """
-    progress = None  # the run's report.RunProgress (set by train_questions): a bar over steps, models counted
-
-    def __init__(self, *args, data, val_idx, precision, best_map3_dir, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.remove_callback(PrinterCallback)  # evaluate() logs each evaluation once; the printed dicts repeated it
-        if self.progress is not None:
-            self.add_callback(report.StepBar(self.progress))
-        self.data = data
-        self.val_idx = val_idx
-        self.precision = precision
-        self.best_map3_dir = best_map3_dir
-        self.best = {"map3": -1.0}
-        self.best_probs = self.last_probs = None
-
-    def get_train_dataloader(self):
-        """Batches of rows of similar length, of varying size, in a shuffled order (LengthGroupedBatches), padded by
-        the collator."""
-        batches = LengthGroupedBatches([len(row["input_ids"]) for row in self.train_dataset], self.args.train_batch_size,
-                                       self.args.seed)
-        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
-        return self.accelerator.prepare(loader)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        started = time.perf_counter()
-        data, val_idx = self.data, self.val_idx
-        logits = predict_logits(self.model, [data.input_ids[i] for i in val_idx], self.data_collator,
-                                self.args.per_device_eval_batch_size, self.precision)
-        labels, probs = data.probabilities(logits, val_idx)
-        self.last_probs = probs
-        allowed = None if data.allowed is None else data.allowed[val_idx]
-        model_probs = softmax(logits if allowed is None else np.where(allowed, logits, -np.inf))
-        loss = float(-np.log(model_probs[np.arange(len(val_idx)), data.labels[val_idx]] + 1e-12).mean())
-        truth = data.rows[TARGET_COLUMN].to_numpy()[val_idx]
-        correct = [data.correct[i] for i in val_idx]
-        label_mask = data.label_mask(val_idx, labels)
-        map3 = map_at_k(truth, decode_top_k(probs, labels, correct, config.CORRECTNESS_MASK, allowed=label_mask))
-        map3_unmasked = map_at_k(truth, decode_top_k(probs, labels, correct, False, allowed=label_mask))
-        log.info("step %d: validation MAP@3 %.4f (unmasked %.4f), loss %.4f", self.state.global_step, map3, map3_unmasked, loss)
-        if map3 > self.best["map3"]:
-            self.best = {"map3": map3, "map3_unmasked": map3_unmasked, "step": self.state.global_step}
-            self.best_probs = probs
-            save_adapter(self.model, self.best_map3_dir)
-        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_map3": map3,
-                   f"{metric_key_prefix}_map3_unmasked": map3_unmasked,
-                   f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-
-def training_arguments(output_dir, n_train, precision):
-    steps_per_epoch = math.ceil(n_train / (config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS))
-    total_steps = steps_per_epoch * config.EPOCHS
-    eval_steps = config.EVAL_STEPS if config.EVAL_STEPS >= 1 else max(1, round(config.EVAL_STEPS * total_steps))
-    kwargs = dict(
-        output_dir=output_dir,
-        num_train_epochs=config.EPOCHS,
-        per_device_train_batch_size=config.TRAIN_BATCH_SIZE,
-        per_device_eval_batch_size=config.EVAL_BATCH_SIZE,
-        gradient_accumulation_steps=config.GRADIENT_ACCUMULATION_STEPS,
-        learning_rate=config.LEARNING_RATE,
-        weight_decay=config.WEIGHT_DECAY,
-        # An int count: transformers 4.x reads a float warmup_steps as a step count, 5.x as a ratio.
-        warmup_steps=math.ceil(config.WARMUP_RATIO * total_steps),
-        lr_scheduler_type=config.LR_SCHEDULER,
-        eval_strategy="steps",
-        eval_steps=int(eval_steps),
-        save_strategy="no",
-        max_grad_norm=config.MAX_GRAD_NORM,
-        logging_steps=config.LOGGING_STEPS,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        report_to=["wandb"] if config.USE_WANDB else "none",
-        seed=config.SEED,
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-    )
-    if config.GRADIENT_CHECKPOINTING:
-        kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
-    return TrainingArguments(**kwargs)
-
-
-def build_optimizer(model, head_lr_multiplier):
-    """AdamW with the head at head_lr_multiplier times the LoRA learning rate (the scheduler scales both)."""
-    groups = {True: [], False: []}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            groups[bool(set(name.split(".")) & set(HEAD_NAMES))].append(parameter)
-    return torch.optim.AdamW([
-        {"params": groups[False], "lr": config.LEARNING_RATE},
-        {"params": groups[True], "lr": config.LEARNING_RATE * head_lr_multiplier},
-    ], lr=config.LEARNING_RATE, weight_decay=config.WEIGHT_DECAY)
-
-
-def log_prior(labels, num_classes):
-    """Log label frequencies (add-one smoothed): a head starting there predicts the prior from step 0."""
-    counts = np.bincount(labels, minlength=num_classes) + 1.0
-    return np.log(counts / counts.sum()).astype(np.float32)
-
-
-def train_fold(question_id, fold, data, train_idx, val_idx, backbone, init=None):
-    """Fine-tune on train_idx, evaluate on val_idx; save best_map3/ and best/. The base model is left clean.
-
-    `init` = (adapter dir, head rows) starts from a saved adapter (--init-from) instead of a fresh one.
-    """
-    set_seed(config.SEED)
-    if init:
-        model = attach_lora_from(backbone.model, *init)
-    else:
-        lora_config = LoraConfig(
-            task_type=TaskType.SEQ_CLS, r=config.LORA_RANK, lora_alpha=config.LORA_ALPHA,
-            lora_dropout=config.LORA_DROPOUT, target_modules=config.LORA_TARGET_MODULES,
-        )
-        bias = log_prior(data.train_labels[train_idx], len(data.classes)) if config.HEAD_INIT == "prior" else None
-        model = attach_lora(backbone.model, lora_config, len(data.classes), head_bias=bias)
-    work_dir = os.path.join(config.get_question_output_dir(question_id), "trainer")
-    try:
-        trainer = MapTrainer(
-            model=model,
-            args=training_arguments(work_dir, len(train_idx), backbone.precision),
-            data_collator=build_data_collator(backbone.tokenizer, config.PAD_TO_MULTIPLE_OF),
-            train_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.train_labels[i])} for i in train_idx],
-            eval_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.labels[i])} for i in val_idx],
-            compute_loss_func=training_loss(class_weights(data.train_labels[train_idx], len(data.classes), config.CLASS_WEIGHT_POWER),
-                                            config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS),
-            # A head started from a trained model is not new: it learns at the LoRA rate.
-            optimizers=(build_optimizer(model, 1.0 if init else config.HEAD_LR_MULTIPLIER), None),
-            data=data,
-            val_idx=val_idx,
-            precision=backbone.precision,
-            best_map3_dir=config.get_question_model_path(question_id, "best_map3", fold),
-        )
-        initial = trainer.evaluate()  # step 0: the head's prior, or the model started from
-        trainer.train()
-        trainer.state.log_history.insert(0, {**initial, "step": 0, "epoch": 0.0})  # train() began a new history
-        evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_map3" in entry]
-        if evaluated[-1] != trainer.state.global_step:
-            trainer.evaluate()
-        final = next(entry for entry in reversed(trainer.state.log_history) if "eval_map3" in entry)
-        save_adapter(model, config.get_question_model_path(question_id, "best", fold))
-        log_name = "log_history.json" if fold is None else f"log_history_fold_{fold}.json"
-        write_json_atomic(os.path.join(config.get_question_log_dir(question_id), log_name), trainer.state.log_history)
-    finally:
-        model.unload()
-        shutil.rmtree(work_dir, ignore_errors=True)
-    return {
-        "initial_map3": initial["eval_map3"],
-        "best_map3": trainer.best["map3"], "best_map3_unmasked": trainer.best["map3_unmasked"],
-        "best_step": trainer.best["step"], "final_map3": final["eval_map3"],
-        "final_map3_unmasked": final["eval_map3_unmasked"], "steps": trainer.state.global_step,
-        "train_rows": len(train_idx), "val_rows": len(val_idx),
-    }, {"best_map3": trainer.best_probs, "best": trainer.last_probs}
 
 
 def write_oof(question_id, data, labels, folds, probs_by_checkpoint, scored):
@@ -484,7 +266,7 @@ def train_question(question_id, rows, backbone):
     """Train one model (a question's, or the global one over `rows`), one split or K folds; return its results.
 
     A K-fold model keeps each finished fold (fold_<k>/finished/: its results and validation probabilities) until the
-    model is complete, so a run stopped in fold k retrains from fold k.
+    model is complete, so a run stopped in fold k goes on with fold k, from its last checkpoint (fine_tune.py).
     """
     targets = training_targets(rows, config.LABEL_SPACE)
     encoder = fit_label_encoder(targets, config.get_question_label_encoder_path(question_id))
@@ -522,13 +304,14 @@ def train_question(question_id, rows, backbone):
     labels = full_labels(classes)
     oof = {checkpoint: np.zeros((len(rows), len(labels))) for checkpoint in ("best_map3", "best")}
     fold_results = []
+    inputs = model_inputs(rows)
     for fold, (train_idx, val_idx), start in zip(folds, splits, starts):
         finished = None if fold is None or config.OVERWRITE else finished_fold(question_id, fold, rows)
         if finished:
             fold_result, probs = finished
             log.info("%s fold %d: finished in an earlier run, kept", report.model_name(question_id), fold)
         else:
-            fold_result, probs = train_fold(question_id, fold, data, train_idx, val_idx, backbone, start)
+            fold_result, probs = train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, start)
             if fold is not None:
                 save_finished_fold(question_id, fold, rows, fold_result, probs)
         fold_results.append(fold_result)
@@ -619,17 +402,7 @@ def model_inputs(rows):
 
 def changed_inputs(recorded, rows):
     """Why a model recorded with `recorded` (a result, or a finished fold) is not this run's: [] when it is."""
-    current = model_inputs(rows)
-    settings = recorded.get("training_settings")
-    if settings is None:
-        return ["no recorded training settings"]
-    reasons = [f"{config.SETTINGS[name].flag} {settings.get(name)} -> {current['training_settings'][name]}"
-               for name in TRAINING_SETTINGS if settings.get(name) != current["training_settings"][name]]
-    if recorded.get("rows_hash") != current["rows_hash"]:
-        reasons.append("other rows (--train-data or --questions changed)")
-    if recorded.get("init_from_hash") != current["init_from_hash"]:
-        reasons.append("another starting model (--init-from, or its global model retrained)")
-    return reasons
+    return input_changes(recorded, model_inputs(rows))
 
 
 def is_complete(question_id, rows):

@@ -8,6 +8,7 @@ import pytest
 from peft import LoraConfig, TaskType
 
 import config
+import fine_tune
 import report
 import submit
 import train
@@ -273,7 +274,7 @@ def test_suffix_labels_take_their_prefix_from_the_answers_correctness():
 
 def test_a_new_head_starts_at_the_label_prior_and_learns_faster(tiny_model):
     labels = np.array([0, 0, 0, 1, 2, 2])
-    prior = train.log_prior(labels, 4)
+    prior = fine_tune.log_prior(labels, 4)
     np.testing.assert_allclose(np.exp(prior), np.array([4, 2, 3, 1]) / 10, rtol=1e-6)
     tokenizer = load_tokenizer(tiny_model)
     base = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
@@ -283,7 +284,7 @@ def test_a_new_head_starts_at_the_label_prior_and_learns_faster(tiny_model):
         head = model.base_model.model.score.modules_to_save["default"]
         np.testing.assert_allclose(head.bias.detach().numpy(), prior)
         config.update({"LEARNING_RATE": 1e-3, "HEAD_LR_MULTIPLIER": 10.0})
-        optimizer = train.build_optimizer(model, config.HEAD_LR_MULTIPLIER)
+        optimizer = fine_tune.build_optimizer(model, config.HEAD_LR_MULTIPLIER)
         rest, head_group = optimizer.param_groups
         assert head_group["lr"] == pytest.approx(1e-2) and rest["lr"] == pytest.approx(1e-3)
         assert {id(p) for p in head_group["params"]} == {id(head.weight), id(head.bias)}

@@ -144,16 +144,16 @@ def test_padding_batch_sizes_compute_the_fewest_tokens_within_their_bounds():
 
 
 def test_training_dataloader_batches_by_length(tokenizer):
-    """train.MapTrainer.get_train_dataloader: the length-grouped batches, padded by the project's collator."""
+    """fine_tune.MapTrainer.get_train_dataloader: the length-grouped batches, padded by the project's collator."""
     from types import SimpleNamespace
 
-    import train
+    import fine_tune
     lengths = np.random.default_rng(1).integers(5, 80, size=100)
     dataset = [{"input_ids": [7] * int(length), "labels": i % 3} for i, length in enumerate(lengths)]
     trainer = SimpleNamespace(train_dataset=dataset, data_collator=build_data_collator(tokenizer),
                               args=SimpleNamespace(train_batch_size=8, seed=3, dataloader_num_workers=0, dataloader_pin_memory=False),
                               accelerator=SimpleNamespace(prepare=lambda loader: loader))
-    loader = train.MapTrainer.get_train_dataloader(trainer)
+    loader = fine_tune.MapTrainer.get_train_dataloader(trainer)
     batches = list(loader)
     assert len(batches) == len(loader) == 13 and sum(len(batch["labels"]) for batch in batches) == 100
     real = sum(int(batch["attention_mask"].sum()) for batch in batches)

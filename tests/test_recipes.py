@@ -270,6 +270,33 @@ def test_a_model_stopped_in_its_last_fold_retrains_only_that_fold(tiny_model, tr
     assert sorted(set(oof["fold"])) == [0, 1, 2] and len(oof) == result["rows"]
 
 
+def test_a_question_model_started_from_the_global_one_resumes_from_its_checkpoint(two_stages, tiny_model, train_csv,
+                                                                                 tmp_path, monkeypatch, caplog):
+    """The question stage, stopped in its first fold and run again, ends as the uninterrupted stage did."""
+    args = train_args(tiny_model, train_csv, tmp_path, "--questions", "31772", "--folds", "2", "--epochs", "2",
+                      "--init-from", two_stages["output_dir"], recipe=config.DEFAULT_RECIPE)
+    on_step_end = report.StepBar.on_step_end
+
+    def stopping_at_step_3(self, args, state, control, **kwargs):
+        if state.global_step == 3:
+            raise RuntimeError("stopped")
+        return on_step_end(self, args, state, control, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report.StepBar, "on_step_end", stopping_at_step_3)
+        assert run(args) == 1
+    with caplog.at_level("INFO"):
+        assert run(args) == 0
+    assert "question 31772 fold 0: resuming from step 2 of 6" in caplog.text
+    resumed, uninterrupted = results(str(tmp_path), 31772), results(two_stages["output_dir"], 31772)
+    assert resumed["init_from_hash"] == uninterrupted["init_from_hash"]
+    for key in ("best_map3", "final_map3", "initial_map3"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], abs=1e-9), key
+    first, second = (pd.read_csv(os.path.join(folder, "question_31772", "oof_best.csv"), keep_default_na=False)
+                     for folder in (str(tmp_path), two_stages["output_dir"]))
+    pd.testing.assert_frame_equal(first, second, rtol=1e-5)
+
+
 def test_decoding_never_ranks_another_questions_label():
     labels = ["False_Neither:NA", "True_Correct:NA", "True_Neither:NA", "True_Misconception:X"]
     probs = np.array([[0.5, 0.5, 0.0, 0.0]])

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 import config
+import fine_tune
 import train
 from conftest import SINGLE_CLASS_QUESTION, SINGLETON, train_args
 from prompt_utils import questions
@@ -94,7 +95,7 @@ def test_split_keeps_singleton_classes_in_training_and_duplicates_together(train
 
 def test_saved_adapter_reloaded_on_a_fresh_base_gives_the_same_logits(tiny_model, train_csv, tmp_path, monkeypatch):
     captured = {}
-    save = train.save_adapter
+    save = fine_tune.save_adapter
     tokenizer = load_tokenizer(tiny_model)
     probe = [tokenizer("Answer: 3 (incorrect)\nExplanation: mistake wnb")["input_ids"], tokenizer("hello")["input_ids"]]
     collator = build_data_collator(tokenizer)
@@ -103,7 +104,7 @@ def test_saved_adapter_reloaded_on_a_fresh_base_gives_the_same_logits(tiny_model
         save(model, path)
         captured[os.path.basename(path)] = predict_logits(model, probe, collator, 2, "fp32")
 
-    monkeypatch.setattr(train, "save_adapter", save_and_capture)
+    monkeypatch.setattr(fine_tune, "save_adapter", save_and_capture)
     assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471")) == 0
     fresh = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
     classes = results(str(tmp_path), 33471)["classes"]
@@ -230,12 +231,12 @@ def test_duplicate_policies_resolve_conflicting_texts():
 
 def test_class_weights_balance_the_classes_and_average_one():
     labels = np.array([0] * 6 + [1] * 3 + [2])
-    assert train.class_weights(labels, 4, 0.0).tolist() == [1.0] * 4
-    weights = train.class_weights(labels, 4, 1.0).numpy()
+    assert fine_tune.class_weights(labels, 4, 0.0).tolist() == [1.0] * 4
+    weights = fine_tune.class_weights(labels, 4, 1.0).numpy()
     per_class_total = weights[:3] * np.bincount(labels)
     assert np.allclose(per_class_total, per_class_total[0])
     assert weights[labels].mean() == pytest.approx(1.0)
-    sqrt = train.class_weights(labels, 4, 0.5).numpy()
+    sqrt = fine_tune.class_weights(labels, 4, 0.5).numpy()
     assert sqrt[2] / sqrt[0] == pytest.approx(6 ** 0.5, rel=1e-5)
 
 
@@ -244,7 +245,7 @@ def test_training_loss_matches_cross_entropy():
     import torch.nn.functional as F
     logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 2, 0])
-    unweighted = train.training_loss(torch.ones(3), 5)
+    unweighted = fine_tune.training_loss(torch.ones(3), 5)
     assert unweighted({"logits": logits}, labels).item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
     # Divided by the nominal rows per step, not by the batch's own size: two batches of 2 and 3 rows (sizes vary
     # with LengthGroupedBatches) sum to the mean over all 5, so every row weighs the same.
@@ -252,7 +253,7 @@ def test_training_loss_matches_cross_entropy():
     assert parts.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
     weights = torch.tensor([2.0, 1.0, 0.5])
     expected = (F.cross_entropy(logits, labels, reduction="none") * weights[labels]).mean()
-    assert train.training_loss(weights, 5)({"logits": logits}, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert fine_tune.training_loss(weights, 5)({"logits": logits}, labels).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_duplicates_drop_trains_without_the_conflicting_rows(tiny_model, train_csv, tmp_path):

@@ -185,10 +185,15 @@ def check_output(checks, lora_params):
     except OSError as error:
         checks.fail("output dir", f"{config.OUTPUT_DIR} not writable ({error.strerror})")
         return
+    import torch
     free_gb = shutil.disk_usage(config.OUTPUT_DIR).free / 2**30
-    # Two fp32 adapters (best, best_map3) per question and fold.
-    needed_gb = 2 * len(config.QUESTION_IDS) * config.FOLDS * 4 * (lora_params or 0) / 2**30
-    checks.check("disk", free_gb > needed_gb * 1.5, f"{free_gb:.1f} GB free, adapters need about {needed_gb:.2f} GB")
+    # Two fp32 adapters (best, best_map3) per question and fold; while a model trains, its checkpoint: the adapter,
+    # AdamW's two moments and a copy of best_map3, one per worker process.
+    adapter_gb = 4 * (lora_params or 0) / 2**30
+    workers = max(1, config.WORKERS, torch.cuda.device_count()) if config.CHECKPOINT_EVERY else 0
+    needed_gb = (2 * len(config.QUESTION_IDS) * config.FOLDS + 4 * workers) * adapter_gb
+    checks.check("disk", free_gb > needed_gb * 1.5,
+                 f"{free_gb:.1f} GB free, adapters and checkpoints need about {needed_gb:.2f} GB")
 
 
 def main(argv=None):
