@@ -32,8 +32,25 @@ from data_collator import LengthGroupedBatches, build_data_collator
 from utils import (HEAD_NAMES, TARGET_COLUMN, attach_lora, attach_lora_from, decode_top_k, label_probabilities, log,
                    map_at_k, predict_logits, question_label_mask, read_json, softmax, write_json_atomic)
 
+# An fp16 run's gradient scaler starts at 2**16 and halves at each overflow, skipping that step, until the scale fits
+# (at most 16 steps), then tries doubling it every 2,000 steps (a skipped step each time it is too large). More
+# steps than this with non-finite gradients is not scaling: the model fails. In bf16 and fp32 nothing skips such a
+# step, and it writes NaN into the weights: one fails the model.
+FP16_NONFINITE_STEPS = 16
+FP16_NONFINITE_STEPS_PER_1000 = 1
+
+
+def nonfinite_allowance(precision, steps):
+    """How many optimizer steps with non-finite gradients a model of `steps` steps may have."""
+    return FP16_NONFINITE_STEPS + FP16_NONFINITE_STEPS_PER_1000 * steps // 1000 if precision == "fp16" else 0
+
+
 # Written last, atomically, into a checkpoint's resume-<step>/: a checkpoint without it is one whose save was cut short.
 RESUME_STATE = "resume.json"
+
+
+class NonFiniteTraining(Exception):
+    """Training met more optimizer steps with non-finite gradients than its precision allows."""
 
 
 def class_weights(labels, num_classes, power):
@@ -113,6 +130,7 @@ class MapTrainer(Trainer):
         self.best = {"map3": -1.0}
         self.best_probs = self.last_probs = None
         self.initial = None  # the evaluation at step 0
+        self.nonfinite_steps = 0  # optimizer steps whose gradients were not all finite (NonFiniteSteps)
 
     def get_train_dataloader(self):
         """Batches of rows of similar length, of varying size, in a shuffled order (LengthGroupedBatches), padded by
@@ -155,7 +173,8 @@ class MapTrainer(Trainer):
         folder = resume_state_dir(checkpoint)
         shutil.copytree(self.best_map3_dir, os.path.join(folder, "best_map3"), dirs_exist_ok=True)
         np.savez(os.path.join(folder, "probabilities.npz"), best_map3=self.best_probs, best=self.last_probs)
-        write_json_atomic(os.path.join(folder, RESUME_STATE), {**inputs, "best": self.best, "initial": self.initial})
+        write_json_atomic(os.path.join(folder, RESUME_STATE), {**inputs, "best": self.best, "initial": self.initial,
+                                                               "nonfinite_steps": self.nonfinite_steps})
 
     def restore_resume_state(self, checkpoint):
         """Take up the best MAP@3 so far (its adapter back in best_map3_dir), the validation probabilities and the
@@ -163,9 +182,29 @@ class MapTrainer(Trainer):
         folder = resume_state_dir(checkpoint)
         state = read_json(os.path.join(folder, RESUME_STATE))
         self.best, self.initial = state["best"], state["initial"]
+        self.nonfinite_steps = state.get("nonfinite_steps", 0)  # checkpoints written before it was recorded lack it
         with np.load(os.path.join(folder, "probabilities.npz")) as stored:
             self.best_probs, self.last_probs = stored["best_map3"], stored["best"]
         replace_directory(self.best_map3_dir, lambda staging: shutil.copytree(os.path.join(folder, "best_map3"), staging))
+
+
+class NonFiniteSteps(TrainerCallback):
+    """Counts the optimizer steps whose gradients are not all finite, which the Trainer's log hides (it logs the
+    running loss instead of a NaN one, logging_nan_inf_filter): skipped by the fp16 gradient scaler, or, in bf16 and
+    fp32, steps that write NaN into the weights. Past nonfinite_allowance, training stops."""
+
+    def __init__(self, trainer, allowance):
+        self.trainer = trainer
+        self.allowance = allowance
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        gradients = [parameter.grad for parameter in self.trainer.model.parameters() if parameter.grad is not None]
+        if gradients and not torch.stack([gradient.isfinite().all() for gradient in gradients]).all():
+            self.trainer.nonfinite_steps += 1
+            log.warning("step %d: non-finite gradients (%d so far)", state.global_step + 1, self.trainer.nonfinite_steps)
+            if self.trainer.nonfinite_steps > self.allowance:
+                control.should_training_stop = True
+        return control
 
 
 class CheckpointState(TrainerCallback):
@@ -326,6 +365,8 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
             best_map3_dir=config.get_question_model_path(question_id, "best_map3", fold),
         )
         trainer.add_callback(CheckpointState(trainer, inputs))
+        allowance = nonfinite_allowance(backbone.precision, total_steps(len(train_idx)))
+        trainer.add_callback(NonFiniteSteps(trainer, allowance))
         if resume:
             trainer.restore_resume_state(resume)
             log.info("%s: resuming from step %s of %d (%s)", name, resume.rsplit("-", 1)[1], total_steps(len(train_idx)),
@@ -333,6 +374,11 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         else:
             trainer.initial = trainer.evaluate()  # step 0: the head's prior, or the model started from
         trainer.train(resume_from_checkpoint=resume)
+        if trainer.nonfinite_steps > allowance:
+            shutil.rmtree(work_dir, ignore_errors=True)  # the same inputs would fail the same way
+            raise NonFiniteTraining(
+                f"{trainer.nonfinite_steps} optimizer step(s) with non-finite gradients by step {trainer.state.global_step} "
+                f"(allowed in {backbone.precision}: {allowance}); try a lower --lr, or --precision bf16 or fp32")
         initial = trainer.initial
         trainer.state.log_history.insert(0, {**initial, "step": 0, "epoch": 0.0})  # train() began a new history
         evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_map3" in entry]
@@ -350,5 +396,6 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         "best_map3": trainer.best["map3"], "best_map3_unmasked": trainer.best["map3_unmasked"],
         "best_step": trainer.best["step"], "final_map3": final["eval_map3"],
         "final_map3_unmasked": final["eval_map3_unmasked"], "steps": trainer.state.global_step,
+        "nonfinite_steps": trainer.nonfinite_steps,
         "train_rows": len(train_idx), "val_rows": len(val_idx),
     }, {"best_map3": trainer.best_probs, "best": trainer.last_probs}

@@ -54,8 +54,10 @@ class Predictor:
 
     def __init__(self, base_model, tokenizer, device):
         self.device = torch.device(device)
-        self.precision = resolve_precision(config.PRECISION, self.device)
-        self.base_model = base_model.to(self.device, TORCH_DTYPES[self.precision])
+        # Moved, not cast: loaded in its precision as train.py loads it (utils.load_base_model), the model keeps the
+        # buffers transformers builds in fp32 (Qwen3's RoPE frequencies), which .to(dtype) would round.
+        self.base_model = base_model.to(self.device)
+        self.precision = next(name for name, dtype in TORCH_DTYPES.items() if dtype == self.base_model.dtype)
         self.tokenizer = tokenizer
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
@@ -226,7 +228,11 @@ def predict(test_df, devices=None):
     devices = devices or visible_devices()
     predictors = [None] * len(devices)
     if needs_model:
-        precision = resolve_precision(config.PRECISION, devices[0])
+        precisions = sorted({resolve_precision(config.PRECISION, device) for device in devices})
+        if len(precisions) > 1:
+            raise InputError(f"--precision {config.PRECISION}: the devices resolve it differently ({', '.join(precisions)}); "
+                             "give one precision for all, e.g. --precision fp16")
+        precision = precisions[0]
         with ThreadPoolExecutor(1) as pool:
             # transformers parses the tokenizer (about 1 s for Qwen3's) while the base model loads.
             tokenizer = pool.submit(load_tokenizer, config.MODEL_NAME, offline=True)

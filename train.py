@@ -339,6 +339,7 @@ def train_question(question_id, rows, backbone):
         "best_map3": scores["best_map3_oof_map3"], "best_map3_unmasked": scores["best_map3_oof_map3_unmasked"],
         "final_map3": scores["best_oof_map3"], "final_map3_unmasked": scores["best_oof_map3_unmasked"],
         "initial_map3": float(np.mean([r["initial_map3"] for r in fold_results])),
+        "nonfinite_steps": sum(r.get("nonfinite_steps", 0) for r in fold_results),
         "train_rows": len(rows), "val_rows": len(rows),
     }
 

@@ -35,7 +35,7 @@ def test_every_trained_question_has_its_artifacts(trained):
         assert any("eval_map3" in entry for entry in history)
         result = results(trained["output_dir"], question_id)
         assert result["status"] == "succeeded"
-        assert result["train_rows"] + result["val_rows"] == result["rows"]
+        assert result["train_rows"] + result["val_rows"] == result["rows"] and result["nonfinite_steps"] == 0
         assert 0 <= result["final_map3"] <= result["best_map3"] <= 1
         assert result["seconds"] > 0 and result["peak_rss_mb"] > 0
 
@@ -203,6 +203,30 @@ def test_demo_refuses_an_output_dir_it_would_ignore(tmp_path, capsys):
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: --demo makes its own model") and error.endswith("drop --output-dir")
     assert "\n" not in error and not (tmp_path / "demo").exists() and not (tmp_path / "mine").exists()
+
+
+def test_a_step_with_non_finite_gradients_fails_the_model_and_says_so(tiny_model, train_csv, tmp_path, monkeypatch):
+    """In fp32 one such step writes NaN into the weights, and the Trainer's log would show the running loss."""
+    loss = fine_tune.training_loss
+    calls = []
+
+    def exploding_at_step_5(weights, rows_per_step):
+        compute = loss(weights, rows_per_step)
+
+        def exploding(outputs, labels, num_items_in_batch=None):
+            calls.append(1)
+            return compute(outputs, labels) * (float("inf") if len(calls) == 5 else 1.0)
+        return exploding
+
+    monkeypatch.setattr(fine_tune, "training_loss", exploding_at_step_5)
+    assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471")) == 1
+    result = results(str(tmp_path), 33471)
+    assert result["status"] == "failed"
+    assert "NonFiniteTraining: 1 optimizer step(s) with non-finite gradients by step 5 (allowed in fp32: 0)" in result["error"]
+    assert len(calls) == 5  # training stopped there
+    assert not os.path.exists(tmp_path / "question_33471" / "trainer")
+    # fp16's gradient scaler skips steps while it finds its scale: those are allowed.
+    assert fine_tune.nonfinite_allowance("fp16", 3000) == 19 and fine_tune.nonfinite_allowance("bf16", 3000) == 0
 
 
 def test_label_smoothing_raises_the_training_loss(tiny_model, train_csv, tmp_path):
