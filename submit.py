@@ -156,7 +156,7 @@ def predict_group(predictor, question_id, rows, results, global_part=None, weigh
             used.append(models_used("model", models, results[question_id].get("folds", 1)))
         except Exception as error:
             if global_part is None and weight == 0:  # the global model was not run for this question
-                global_part = global_probabilities(predictor, rows).get(question_id)
+                global_part = global_probabilities([predictor], rows).get(question_id)
             log.warning("question %s: model unusable (%s: %s); using %s", question_id, type(error).__name__, error,
                         "the global model" if global_part else "its label frequencies")
             why = MODEL_UNUSABLE
@@ -179,21 +179,25 @@ def models_used(name, models, folds):
     return f"{name} ({models} of {folds} folds)" if models < folds else f"{name} ({folds} fold{'s' * (folds > 1)})"
 
 
-def global_probabilities(predictor, test_df):
+def global_probabilities(predictors, test_df):
     """{QuestionId: (labels, probabilities of its rows, how)} from the global model, for the questions it trained
-    on; {} without a usable one."""
+    on; {} without a usable one. The rows are split over the predictors (one per device), which run at once."""
     result = read_question_results([config.GLOBAL]).get(config.GLOBAL)
-    if predictor is None or not result or result.get("status") != "succeeded":
+    if predictors[0] is None or not result or result.get("status") != "succeeded":
         return {}
     rows = test_df[test_df["QuestionId"].astype(str).isin(result["question_classes"])
                    & test_df["QuestionId"].isin(config.QUESTION_IDS)]
     if rows.empty:
         return {}
+    shares = [share for share in np.array_split(np.arange(len(rows)), len(predictors)) if len(share)]
     try:
-        labels, probs, models = predictor.probabilities(config.GLOBAL, rows, result)
+        with ThreadPoolExecutor(len(shares)) as pool:
+            outputs = list(pool.map(lambda predictor, share: predictor.probabilities(config.GLOBAL, rows.iloc[share], result),
+                                    predictors, shares))
     except Exception as error:
         log.warning("global model unusable (%s: %s); using the question models", type(error).__name__, error)
         return {}
+    labels, probs, models = outputs[0][0], np.concatenate([output[1] for output in outputs]), min(o[2] for o in outputs)
     how = models_used("global model", models, result.get("folds", 1))
     positions = rows.reset_index(drop=True).groupby("QuestionId").indices
     parts = {}
@@ -248,7 +252,7 @@ def predict(test_df, devices=None):
     # At weight 0 the global model only stands in for a question without a model of its own (predict_group adds
     # the questions whose model turns out unusable).
     own_only = [qid for qid in config.QUESTION_IDS if results.get(qid, {}).get("status") == "succeeded" and weights.get(qid) == 0]
-    global_parts = global_probabilities(predictors[0], test_df[~test_df["QuestionId"].isin(own_only)])
+    global_parts = global_probabilities(predictors, test_df[~test_df["QuestionId"].isin(own_only)])
     predictions, done, fallbacks = {}, [], {}
     bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
 

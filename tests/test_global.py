@@ -194,6 +194,27 @@ def test_init_from_predicts_what_the_global_model_predicts_before_any_step(both_
     assert not np.allclose(global_probs[0], global_probs[1])  # each fold starts from its own global fold model
 
 
+def test_the_global_pass_is_split_over_the_devices(both_scopes, tiny_model, test_csv, monkeypatch):
+    config.update({"OUTPUT_DIR": both_scopes["output_dir"], "MODEL_NAME": tiny_model, "QUESTION_IDS": QUESTIONS,
+                   "GLOBAL_WEIGHT": 0.3})
+    test = read_csv(test_csv)
+    global_rows = []
+    probabilities = submit.Predictor.probabilities
+
+    def noting_the_global_rows(self, question_id, rows, result):
+        if question_id == config.GLOBAL:
+            global_rows.append((self, len(rows)))
+        return probabilities(self, question_id, rows, result)
+
+    monkeypatch.setattr(submit.Predictor, "probabilities", noting_the_global_rows)
+    one = submit.predict(test, ["cpu"])[0]
+    (_, rows), = global_rows
+    global_rows.clear()
+    assert submit.predict(test, ["cpu", "cpu"])[0] == one
+    assert len({id(predictor) for predictor, _ in global_rows}) == 2
+    assert sorted(share for _, share in global_rows) == [rows // 2, rows - rows // 2]
+
+
 def test_blend_is_the_weighted_mean_of_its_parts(both_scopes, tiny_model, test_csv):
     # The final checkpoints: a best_map3 checkpoint may be the starting point itself, the global model.
     config.update({"OUTPUT_DIR": both_scopes["output_dir"], "MODEL_NAME": tiny_model, "QUESTION_IDS": QUESTIONS,
@@ -204,7 +225,7 @@ def test_blend_is_the_weighted_mean_of_its_parts(both_scopes, tiny_model, test_c
     predictor = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
     question_result = results(both_scopes["output_dir"], 33471)
     own_labels, own, _ = predictor.probabilities(33471, rows, question_result)
-    global_part = submit.global_probabilities(predictor, test)[33471]
+    global_part = submit.global_probabilities([predictor], test)[33471]
     labels, blended = blend_probabilities([(0.7, own_labels, own), (0.3, *global_part[:2])])
     for label in labels:
         expected = (0.7 * own[:, own_labels.index(label)] if label in own_labels else 0) + (
