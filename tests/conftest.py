@@ -57,6 +57,16 @@ def train_args(model, data, output_dir, *extra, recipe=config.SEED_RECIPE):
     return [recipe, "--model", model, "--train-data", data, "--output-dir", str(output_dir), *FAST, *extra]
 
 
+def run_train(args):
+    """train.main(args), with the config module restored afterwards."""
+    import train
+    saved = config.snapshot()
+    try:
+        return train.main(args)
+    finally:
+        config.update(saved)
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_model, train_csv, tmp_path_factory):
     """One training run over all 15 synthetic questions; returns its output dir and exit code."""

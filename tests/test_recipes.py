@@ -13,7 +13,7 @@ import report
 import sources
 import submit
 import train
-from conftest import SINGLE_CLASS_QUESTION, train_args
+from conftest import SINGLE_CLASS_QUESTION, run_train, train_args
 from utils import decode_top_k, read_competition_csv, read_json, read_question_results
 
 QUESTIONS = [31772, 33471, SINGLE_CLASS_QUESTION]
@@ -25,19 +25,11 @@ def results(output_dir, name):
                                   else f"question_{name}_results.json"))
 
 
-def run(args):
-    saved = config.snapshot()
-    try:
-        return train.main(args)
-    finally:
-        config.update(saved)
-
-
 @pytest.fixture(scope="module")
 def two_stages(tiny_model, train_csv, tmp_path_factory):
     """One invocation of the default recipe: the global model, then per-question models started from it."""
     output_dir = str(tmp_path_factory.mktemp("stages"))
-    code = run(train_args(tiny_model, train_csv, output_dir, *QUESTION_FLAGS, recipe=config.DEFAULT_RECIPE))
+    code = run_train(train_args(tiny_model, train_csv, output_dir, *QUESTION_FLAGS, recipe=config.DEFAULT_RECIPE))
     return {"output_dir": output_dir, "code": code}
 
 
@@ -102,7 +94,7 @@ def test_a_rerun_retrains_nothing(two_stages, tiny_model, train_csv, monkeypatch
 
     monkeypatch.setattr(train, "train_fold", no_training)
     args = train_args(tiny_model, train_csv, two_stages["output_dir"], *QUESTION_FLAGS, recipe=config.DEFAULT_RECIPE)
-    assert run(args) == 0
+    assert run_train(args) == 0
     assert {name: results(two_stages["output_dir"], name) for name in before} == before
 
 
@@ -151,7 +143,7 @@ def test_a_stalled_model_is_reported_and_its_question_predicted_by_the_global_mo
     args = train_args(tiny_model, train_csv, output_dir, *QUESTION_FLAGS, "--lr", "1e-12", "--head-init", "prior")
     capsys.readouterr()
     with caplog.at_level("INFO"):
-        assert run(args) == 0
+        assert run_train(args) == 0
     table = capsys.readouterr().out
     for question_id in QUESTIONS[:2]:
         result = results(str(output_dir), question_id)
@@ -198,7 +190,7 @@ def test_a_global_model_of_other_rows_is_retrained_and_refused_as_a_start(two_st
     raw.drop(index=raw.index[raw["QuestionId"] == "33471"][0]).to_csv(changed, index=False)
     before = {q: results(output_dir, q) for q in QUESTIONS}
     capsys.readouterr()
-    assert run(train_args(tiny_model, str(changed), output_dir, *QUESTION_FLAGS, "--label-space", "suffix",
+    assert run_train(train_args(tiny_model, str(changed), output_dir, *QUESTION_FLAGS, "--label-space", "suffix",
                           "--init-from", output_dir)) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: --init-from {output_dir}: question 33471: its rows in {changed} are not those the global model trained "
@@ -209,9 +201,9 @@ def test_a_global_model_of_other_rows_is_retrained_and_refused_as_a_start(two_st
 def test_init_from_one_split_needs_the_same_validation_fraction(tiny_model, train_csv, tmp_path, capsys):
     output_dir = str(tmp_path)
     common = ["--questions", "33471", "--epochs", "1", "--label-space", "suffix"]
-    assert run(train_args(tiny_model, train_csv, output_dir, *common, "--scope", "global")) == 0
+    assert run_train(train_args(tiny_model, train_csv, output_dir, *common, "--scope", "global")) == 0
     capsys.readouterr()
-    assert run(train_args(tiny_model, train_csv, output_dir, *common, "--init-from", output_dir, "--val-fraction", "0.25")) == 2
+    assert run_train(train_args(tiny_model, train_csv, output_dir, *common, "--init-from", output_dir, "--val-fraction", "0.25")) == 2
     assert capsys.readouterr().err.strip() == (f"error: --init-from {output_dir}: the global model has --val-fraction 0.2, "
                                                "this run 0.25 (give --val-fraction 0.2)")
 
@@ -243,7 +235,7 @@ def test_a_failed_global_model_fails_the_run_and_stops_the_stages(tiny_model, tr
         return original(question_id, *args)
 
     monkeypatch.setattr(train, "train_question", failing_global)
-    assert run(train_args(tiny_model, train_csv, tmp_path, *QUESTION_FLAGS, recipe=config.DEFAULT_RECIPE)) == 1
+    assert run_train(train_args(tiny_model, train_csv, tmp_path, *QUESTION_FLAGS, recipe=config.DEFAULT_RECIPE)) == 1
     assert trained == [config.GLOBAL]
     assert results(str(tmp_path), config.GLOBAL)["status"] == "failed"
 
@@ -261,8 +253,8 @@ def test_a_model_stopped_in_its_last_fold_retrains_only_that_fold(tiny_model, tr
     monkeypatch.setattr(train, "train_fold", stopping_in_fold_2)
     args = train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--folds", "3", "--epochs", "1")
     with pytest.raises(KeyboardInterrupt):
-        run(args)
-    assert run(args) == 0
+        run_train(args)
+    assert run_train(args) == 0
     assert folds == [0, 1, 2, 2]
     result = results(str(tmp_path), 33471)
     assert result["status"] == "succeeded" and len(result["fold_results"]) == 3
@@ -284,9 +276,9 @@ def test_a_question_model_started_from_the_global_one_resumes_from_its_checkpoin
 
     with monkeypatch.context() as patch:
         patch.setattr(report.StepBar, "on_step_end", stopping_at_step_3)
-        assert run(args) == 1
+        assert run_train(args) == 1
     with caplog.at_level("INFO"):
-        assert run(args) == 0
+        assert run_train(args) == 0
     assert "question 31772 fold 0: resuming from step 2 of 6" in caplog.text
     resumed, uninterrupted = results(str(tmp_path), 31772), results(two_stages["output_dir"], 31772)
     assert resumed["init_from_hash"] == uninterrupted["init_from_hash"]
@@ -310,7 +302,7 @@ def test_with_one_split_a_question_without_a_model_of_its_own_is_scored_on_the_g
         tiny_model, train_csv, tmp_path):
     args = train_args(tiny_model, train_csv, tmp_path, "--questions", f"33471,{SINGLE_CLASS_QUESTION}", "--epochs", "1",
                       recipe=config.DEFAULT_RECIPE)
-    assert run(args) == 0
+    assert run_train(args) == 0
     entries = read_json(os.path.join(tmp_path, "summary", "sources.json"))["best"]["questions"]
     global_oof = pd.read_csv(tmp_path / "global" / "oof_best.csv", keep_default_na=False, dtype={"row_id": str})
     df = read_competition_csv(train_csv, labelled=True)

@@ -10,11 +10,9 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-import config
 import fine_tune
 import report
-import train
-from conftest import train_args
+from conftest import run_train, train_args
 from utils import read_json
 
 QUESTION = 33471
@@ -23,14 +21,6 @@ QUESTION = 33471
 FLAGS = ["--questions", str(QUESTION), "--logging-steps", "4"]
 STOP_STEP = 13  # after the checkpoint of step 8, before that of step 16
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args):
-    saved = config.snapshot()
-    try:
-        return train.main(args)
-    finally:
-        config.update(saved)
 
 
 def history(output_dir, name="log_history.json"):
@@ -81,7 +71,7 @@ def stopping_at(step, error):
 def reference(tiny_model, train_csv, tmp_path_factory):
     """The model trained without a stop."""
     output_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-    assert run(train_args(tiny_model, train_csv, output_dir, *FLAGS)) == 0
+    assert run_train(train_args(tiny_model, train_csv, output_dir, *FLAGS)) == 0
     return output_dir
 
 
@@ -95,11 +85,11 @@ def test_a_model_stopped_by_an_exception_resumes_as_if_never_stopped(reference, 
     args = train_args(tiny_model, train_csv, tmp_path, *FLAGS)
     with monkeypatch.context() as patch:
         patch.setattr(report.StepBar, "on_step_end", stopping_at(STOP_STEP, RuntimeError("stopped")))
-        assert run(args) == 1
+        assert run_train(args) == 1
     assert result(str(tmp_path))["status"] == "failed"
     assert checkpoints(str(tmp_path)) == ["checkpoint-8", "resume-8"]  # only the last is kept
     with caplog.at_level(logging.INFO):
-        assert run(args) == 0
+        assert run_train(args) == 0
     assert f"question {QUESTION}: resuming from step 8 of 32" in caplog.text
     assert_same_training(str(tmp_path), str(reference))
 
@@ -117,11 +107,11 @@ def test_the_best_map3_so_far_survives_the_resume(tiny_model, train_csv, tmp_pat
     monkeypatch.setattr(fine_tune.MapTrainer, "evaluate", evaluate_noting_the_step)
     monkeypatch.setattr(fine_tune, "map_at_k", lambda truth, ranked: 0.9 if steps["now"] == 8 else 0.5 + steps["now"] / 1000)
     uninterrupted, stopped = str(tmp_path / "uninterrupted"), str(tmp_path / "stopped")
-    assert run(train_args(tiny_model, train_csv, uninterrupted, *FLAGS)) == 0
+    assert run_train(train_args(tiny_model, train_csv, uninterrupted, *FLAGS)) == 0
     with monkeypatch.context() as patch:
         patch.setattr(report.StepBar, "on_step_end", stopping_at(STOP_STEP, RuntimeError("stopped")))
-        assert run(train_args(tiny_model, train_csv, stopped, *FLAGS)) == 1
-    assert run(train_args(tiny_model, train_csv, stopped, *FLAGS)) == 0
+        assert run_train(train_args(tiny_model, train_csv, stopped, *FLAGS)) == 1
+    assert run_train(train_args(tiny_model, train_csv, stopped, *FLAGS)) == 0
     assert result(stopped)["best_step"] == result(uninterrupted)["best_step"] == 8
     assert result(stopped)["best_map3"] == 0.9
     best, reference = adapter(stopped, "best_map3"), adapter(uninterrupted, "best_map3")
@@ -155,7 +145,7 @@ def test_a_model_killed_with_sigkill_resumes_as_if_never_stopped(reference, tiny
     ]))
     assert checkpoints(str(tmp_path)) == ["checkpoint-8", "resume-8"]
     with caplog.at_level(logging.INFO):
-        assert run(train_args(tiny_model, train_csv, tmp_path, *FLAGS)) == 0
+        assert run_train(train_args(tiny_model, train_csv, tmp_path, *FLAGS)) == 0
     assert f"question {QUESTION}: resuming from step 8 of 32" in caplog.text
     assert_same_training(str(tmp_path), str(reference))
 
@@ -175,7 +165,7 @@ def test_a_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_to_resum
     assert os.path.isfile(os.path.join(partial, "adapter_model.safetensors"))
     assert not os.path.exists(os.path.join(tmp_path, f"question_{QUESTION}", "trainer", "resume-16"))
     with caplog.at_level(logging.INFO):
-        assert run(train_args(tiny_model, train_csv, tmp_path, *FLAGS)) == 0
+        assert run_train(train_args(tiny_model, train_csv, tmp_path, *FLAGS)) == 0
     assert f"question {QUESTION}: resuming from step 8 of 32" in caplog.text
     assert_same_training(str(tmp_path), str(reference))
 
@@ -184,10 +174,10 @@ def test_a_checkpoint_made_with_other_settings_is_not_used(tiny_model, train_csv
     args = train_args(tiny_model, train_csv, tmp_path, *FLAGS)
     with monkeypatch.context() as patch:
         patch.setattr(report.StepBar, "on_step_end", stopping_at(STOP_STEP, RuntimeError("stopped")))
-        assert run(args) == 1
+        assert run_train(args) == 1
     assert checkpoints(str(tmp_path)) == ["checkpoint-8", "resume-8"]
     with caplog.at_level(logging.INFO):
-        assert run(args + ["--lora-dropout", "0.1"]) == 0
+        assert run_train(args + ["--lora-dropout", "0.1"]) == 0
     assert "was made with other inputs (--lora-dropout 0.05 -> 0.1), starting over" in caplog.text
     assert "resuming" not in caplog.text
     assert result(str(tmp_path))["steps"] == 32 and checkpoints(str(tmp_path)) == []
@@ -196,7 +186,7 @@ def test_a_checkpoint_made_with_other_settings_is_not_used(tiny_model, train_csv
 def test_checkpoint_every_zero_writes_none(tiny_model, train_csv, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(report.StepBar, "on_step_end", stopping_at(STOP_STEP, RuntimeError("stopped")))
-        assert run(train_args(tiny_model, train_csv, tmp_path, *FLAGS, "--checkpoint-every", "0")) == 1
+        assert run_train(train_args(tiny_model, train_csv, tmp_path, *FLAGS, "--checkpoint-every", "0")) == 1
     assert checkpoints(str(tmp_path)) == []
 
 
@@ -221,10 +211,10 @@ def test_a_three_fold_model_stopped_in_its_third_fold_retrains_only_that_fold_fr
     with monkeypatch.context() as patch:
         patch.setattr(report.StepBar, "on_step_end", stopping_in_the_third_fold)
         with pytest.raises(KeyboardInterrupt):
-            run(args)
+            run_train(args)
     assert checkpoints(str(tmp_path), 2) == ["checkpoint-4", "resume-4"] and checkpoints(str(tmp_path), 0) == []
     with caplog.at_level(logging.INFO):
-        assert run(args) == 0
+        assert run_train(args) == 0
     assert begun == [0, 0, 0, 4]  # folds 0 and 1 kept, fold 2 taken up at step 4
     assert f"question {QUESTION} fold 2: resuming from step 4 of 16" in caplog.text
     trained = result(str(tmp_path))
