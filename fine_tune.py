@@ -6,9 +6,9 @@ train.py chooses the models, their rows and splits; `train_fold` fine-tunes one 
 A checkpoint in <model dir>/[fold_<k>/]trainer/ is what the Trainer writes in checkpoint-<step>/ (LoRA and head,
 optimizer, scheduler, gradient scaler, RNG states, step and log history), completed by CheckpointState in
 resume-<step>/ with what the Trainer does not keep: the best MAP@3 so far, its step and adapter, the validation
-probabilities, the step-0 evaluation and what the model is made from. The Trainer skips the batches already trained, and the bucketed batch
-order depends only on the seed and the epoch (LengthGroupedBatches), so a resumed model sees the batches the
-uninterrupted one would have.
+probabilities, the step-0 evaluation and what the model is made from. The Trainer skips the batches already
+trained, and the bucketed batch order depends only on the seed and the epoch (LengthGroupedBatches), so a resumed
+model sees the batches the uninterrupted one would have.
 """
 import glob
 import math
@@ -221,11 +221,15 @@ class CheckpointState(TrainerCallback):
         remove_all_but(args.output_dir, checkpoint)
 
 
+def checkpoint_step(checkpoint):
+    """The step of a checkpoint-<step>/ folder."""
+    return int(checkpoint.rsplit("-", 1)[1])
+
+
 def resume_state_dir(checkpoint):
     """resume-<step>/ beside the Trainer's checkpoint-<step>/: not inside it, where the Trainer would load the copy of
     best_map3/ as a second adapter."""
-    work_dir, name = os.path.split(checkpoint)
-    return os.path.join(work_dir, "resume-" + name.rsplit("-", 1)[1])
+    return os.path.join(os.path.dirname(checkpoint), f"resume-{checkpoint_step(checkpoint)}")
 
 
 def remove_all_but(work_dir, checkpoint):
@@ -240,7 +244,7 @@ def complete_checkpoints(work_dir):
     """The checkpoints in a model's Trainer work dir whose save finished, oldest step first."""
     found = glob.glob(os.path.join(work_dir, f"{PREFIX_CHECKPOINT_DIR}-*"))
     return sorted((path for path in found if os.path.isfile(os.path.join(resume_state_dir(path), RESUME_STATE))),
-                  key=lambda path: int(path.rsplit("-", 1)[1]))
+                  key=checkpoint_step)
 
 
 def input_changes(recorded, current):
@@ -369,7 +373,7 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         trainer.add_callback(NonFiniteSteps(trainer, allowance))
         if resume:
             trainer.restore_resume_state(resume)
-            log.info("%s: resuming from step %s of %d (%s)", name, resume.rsplit("-", 1)[1], total_steps(len(train_idx)),
+            log.info("%s: resuming from step %d of %d (%s)", name, checkpoint_step(resume), total_steps(len(train_idx)),
                      resume)
         else:
             trainer.initial = trainer.evaluate()  # step 0: the head's prior, or the model started from

@@ -197,7 +197,9 @@ def global_probabilities(predictors, test_df):
     except Exception as error:
         log.warning("global model unusable (%s: %s); using the question models", type(error).__name__, error)
         return {}
-    labels, probs, models = outputs[0][0], np.concatenate([output[1] for output in outputs]), min(o[2] for o in outputs)
+    labels = outputs[0][0]
+    probs = np.concatenate([output[1] for output in outputs])
+    models = min(output[2] for output in outputs)
     how = models_used("global model", models, result.get("folds", 1))
     positions = rows.reset_index(drop=True).groupby("QuestionId").indices
     parts = {}

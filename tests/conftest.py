@@ -70,12 +70,8 @@ def run_train(args):
 @pytest.fixture(scope="session")
 def trained(tiny_model, train_csv, tmp_path_factory):
     """One training run over all 15 synthetic questions; returns its output dir and exit code."""
-    import train
     output_dir = tmp_path_factory.mktemp("run")
-    saved = config.snapshot()
-    code = train.main(train_args(tiny_model, train_csv, output_dir))
-    config.update(saved)
-    return {"output_dir": str(output_dir), "code": code}
+    return {"output_dir": str(output_dir), "code": run_train(train_args(tiny_model, train_csv, output_dir))}
 
 
 @pytest.fixture
