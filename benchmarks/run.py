@@ -11,12 +11,15 @@ Measures, on a labelled CSV:
 - a short real training (train.main on --rows rows of each of --questions): tokens/s, from the training
   loop's and the evaluations' times in each question's log history;
 - submit.main on --submit-rows rows of those questions (labels dropped): rows/s, wall time / time in the
-  model's forward passes, base-model loads, padding of the batches the model received.
+  model's forward passes, base-model loads, padding of the batches the model received, and where the time
+  outside the forward passes goes (StageClock: encoding, adapters, merging, batching, decoding, writing).
 Only the project's public functions are called; the one patch is transformers' from_pretrained, to count the
-base-model loads and time the forward passes (ForwardTimer wraps each loaded model's forward).
+base-model loads and time the forward passes (ForwardTimer wraps each loaded model's forward); StageClock
+observes calls through a profile hook and replaces nothing.
 The model is a random-init Qwen3 (--layers, --hidden) with the real Qwen3 tokenizer unless --model is given.
 Prints tables and, as its last line, one JSON object with every figure.
 """
+import contextlib
 import functools
 import json
 import logging
@@ -25,6 +28,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 from unittest import mock
@@ -35,6 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import pandas as pd  # noqa: E402
+import peft  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -43,6 +48,7 @@ import submit  # noqa: E402
 import train  # noqa: E402
 from data_collator import LengthGroupedBatches, build_data_collator  # noqa: E402
 from demo.synthetic import build_tiny_qwen3  # noqa: E402
+import utils  # noqa: E402
 from prompts import PROMPTS, encode_prompts  # noqa: E402
 from utils import (INPUT_COLUMNS, TARGET_COLUMN, InputError, load_tokenizer, predict_logits, read_competition_csv,  # noqa: E402
                    resolve_precision, setup_logging)
@@ -115,11 +121,12 @@ class ForwardTimer:
     peft before 0.14 calls `model.forward(...)` directly, which module hooks never see.
     """
 
-    def __init__(self):
+    def __init__(self, stage_clock=None):
         self.seconds = 0.0
         self.calls = 0
         self.counts = Counts()
         self.models = []
+        self.stage_clock = stage_clock
 
     def _sync(self, module):
         if next(module.parameters()).is_cuda:
@@ -134,11 +141,12 @@ class ForwardTimer:
             self.counts.real += int(mask.sum())
             self.counts.computed += mask.numel()
             self.counts.batches += 1
-            self._sync(model)
-            start = time.perf_counter()
-            output = forward(*args, **kwargs)
-            self._sync(model)
-            self.seconds += time.perf_counter() - start
+            with self.stage_clock.paused() if self.stage_clock else contextlib.nullcontext():
+                self._sync(model)
+                start = time.perf_counter()
+                output = forward(*args, **kwargs)
+                self._sync(model)
+                self.seconds += time.perf_counter() - start
             self.calls += 1
             return output
 
@@ -149,6 +157,77 @@ class ForwardTimer:
     def detach(self):
         for model in self.models:
             del model.forward  # the class's forward again
+
+
+class StageClock:
+    """Seconds spent in each of a few of the project's functions while submit.py runs, from a profile hook (it
+    observes calls; nothing is replaced): each function's own time, the watched functions it calls left out.
+
+    The hook is off during the forward passes (ForwardTimer pauses it), so it costs them nothing; outside them it
+    adds a little to what it measures, which errs towards a higher wall / forward.
+    """
+
+    def __init__(self, stages):
+        self.labels = {function.__code__: label for label, function in stages}
+        self.seconds = dict.fromkeys(dict(stages), 0.0)
+        self.local = threading.local()
+
+    def _hook(self, frame, event, arg):
+        label = self.labels.get(frame.f_code)
+        if label is None or event not in ("call", "return"):
+            return
+        stack = self.local.__dict__.setdefault("stack", [])
+        now = time.perf_counter()
+        if event == "call":  # a generator's resume is a call, its yield a return: a context manager's two halves
+            stack.append([label, now, 0.0])
+            return
+        label, start, inner = stack.pop()
+        self.seconds[label] += now - start - inner
+        if stack:
+            stack[-1][2] += now - start
+
+    @contextlib.contextmanager
+    def watching(self):
+        threading.setprofile(self._hook)
+        sys.setprofile(self._hook)
+        try:
+            yield self
+        finally:
+            sys.setprofile(None)
+            threading.setprofile(None)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """No hook inside (a forward pass); its time counts as the enclosing watched function's inner time."""
+        hook = sys.getprofile()
+        sys.setprofile(None)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            stack = getattr(self.local, "stack", None)
+            if stack:
+                stack[-1][2] += time.perf_counter() - start
+            sys.setprofile(hook)
+
+
+# What submit.py does outside the forward passes, as the stages of StageClock. The tokenizer loads in a thread
+# while the base model loads: its time overlaps the others and is reported beside them, not added.
+SUBMIT_STAGES = [
+    ("read test.csv", utils.read_competition_csv),
+    ("load base model", utils.load_base_model),
+    ("encode prompts", submit.encode_prompts),
+    ("attach adapters", utils.load_adapter),
+    ("detach adapters", peft.LoraModel.unload),
+    ("merge LoRA, restore base weights", utils.lora_merged.__wrapped__),
+    ("batches and collation", utils.predict_logits.__wrapped__),
+    ("softmax over labels", utils.label_probabilities),
+    ("answer correctness", utils.correctness_of),
+    ("blend", utils.blend_probabilities),
+    ("decode top-3", utils.decode_top_k),
+    ("write and check submission", submit.write_submission),
+]
+TOKENIZER_STAGE = ("load tokenizer (alongside the base model)", utils.load_tokenizer)
 
 
 class BatchingOnly(torch.nn.Module):
@@ -264,7 +343,8 @@ def timed_submit(df, n_rows, work_dir):
     test_path = os.path.join(work_dir, "test.csv")
     rows.to_csv(test_path, index=False)
 
-    forward = ForwardTimer()
+    clock = StageClock(SUBMIT_STAGES + [TOKENIZER_STAGE])
+    forward = ForwardTimer(clock)
     loads = []
     from_pretrained = transformers.AutoModelForSequenceClassification.from_pretrained
 
@@ -279,7 +359,8 @@ def timed_submit(df, n_rows, work_dir):
     try:
         with mock.patch.object(transformers.AutoModelForSequenceClassification, "from_pretrained", counted_from_pretrained):
             start = time.perf_counter()
-            code = submit.main(argv)
+            with clock.watching():
+                code = submit.main(argv)
             wall = time.perf_counter() - start
     finally:
         forward.detach()
@@ -290,9 +371,12 @@ def timed_submit(df, n_rows, work_dir):
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import submit"], cwd=ROOT, check=True)
     import_s = time.perf_counter() - start
+    tokenizer_s = clock.seconds.pop(TOKENIZER_STAGE[0])
+    seconds = {"forward passes": forward.seconds, **clock.seconds}
+    seconds["other (not in a stage above)"] = wall - sum(seconds.values())
     return {
         "rows": len(rows), "wall_s": wall, "forward_s": forward.seconds, "forward_calls": forward.calls,
-        "base_loads": len(loads), "counts": forward.counts, "seconds": {"forward": forward.seconds, "other": wall - forward.seconds},
+        "base_loads": len(loads), "counts": forward.counts, "seconds": seconds, "tokenizer_load_s": tokenizer_s,
         "rows_per_s": len(rows) / wall, "overhead_ratio": wall / forward.seconds if forward.seconds else None,
         "import_s": import_s,
     }
@@ -372,6 +456,7 @@ def measure(args, work_dir):
         "submit_rows_per_s": submitted["rows_per_s"], "submit_overhead_ratio": submitted["overhead_ratio"],
         "base_loads": submitted["base_loads"], "padding_efficiency_submit": submitted["counts"].efficiency(),
         "submit_seconds": submitted["seconds"], "submit_import_s": submitted["import_s"],
+        "submit_tokenizer_load_s": submitted["tokenizer_load_s"],
     })
     questions = ",".join(map(str, config.QUESTION_IDS))
     report += [
@@ -387,6 +472,7 @@ def measure(args, work_dir):
                for name, seconds in sorted(submitted["seconds"].items(), key=lambda item: -item[1])]
               + [["wall", fmt(submitted["wall_s"], 2), "100.0"]],
               [f"submit.py, {submitted['rows']} rows", "s", "%"]),
+        f"tokenizer load {fmt(submitted['tokenizer_load_s'], 2)} s, in a thread while the base model loads (not in the sum)\n"
         f"submit: {fmt(submitted['rows_per_s'], 1)} rows/s; wall / forward {fmt(submitted['overhead_ratio'])}; "
         f"base-model loads {submitted['base_loads']}; padding efficiency {fmt(submitted['counts'].efficiency())}\n"
         f"(a `python submit.py` process adds {fmt(submitted['import_s'], 1)} s of interpreter start and imports before main, "

@@ -94,6 +94,14 @@ def test_run_reports_every_figure_with_sane_values(bench):
     assert result["submit_rows"] == SUBMIT_ROWS
     assert result["submit_rows_per_s"] == pytest.approx(SUBMIT_ROWS / result["submit_wall_s"])
     assert sum(result["submit_seconds"].values()) == pytest.approx(result["submit_wall_s"])
+    # Where the time outside the forward passes goes: every stage a one-model submit goes through is seen, once
+    # (the remainder is not negative: no stage's time is counted twice).
+    seconds = result["submit_seconds"]
+    for stage in ("load base model", "encode prompts", "attach adapters", "detach adapters", "merge LoRA, restore base weights",
+                  "batches and collation", "answer correctness", "decode top-3", "write and check submission"):
+        assert seconds[stage] > 0, stage
+    assert seconds["other (not in a stage above)"] > -1e-3 and result["submit_tokenizer_load_s"] > 0
+    assert seconds["forward passes"] == result["submit_forward_s"]
     assert result["train_tokens_per_s"] > result["train_wall_tokens_per_s"] > 0
     assert result["train_evaluations"] >= 1 and result["train_evaluate_s"] > 0
     assert result["peak_rss_mb"] > 100 and result["submit_import_s"] > 0
