@@ -310,7 +310,11 @@ def training_arguments(output_dir, n_train, precision):
         use_cpu=not torch.cuda.is_available(),
     )
     if config.GRADIENT_CHECKPOINTING:
-        kwargs.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: reentrant checkpointing gives LoRA no gradient when the layers' inputs need none (a frozen
+        # embedding's). transformers 5 renamed the arguments (the old names warn); 4.51 knows only the old ones.
+        name = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+            else "gradient_checkpointing"
+        kwargs.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
     return TrainingArguments(**kwargs)
 
 

@@ -265,7 +265,27 @@ def test_compare_oof_scores_rows_in_pairs(tmp_path):
         compare_oof.main(["--train-data", str(tmp_path / "train.csv"), str(tmp_path / "a"), str(tmp_path / "b")])
 
 
-@pytest.mark.parametrize("name", ["run", "gpu"])
+def test_memory_counts_parameters_and_lora_as_the_formulas_do(capsys):
+    """The tiny config: parameters and LoRA parameters as counted by hand, activations measured (their sizes vary
+    by CPU kernel, so only their relations are checked)."""
+    with one_thread():
+        figures = load_script("memory").main(["--tiny"])["tiny"]
+    hidden, intermediate, layers, heads, kv_heads = 64, 128, 2, 4, 2
+    query, key_value = heads * 16, kv_heads * 16
+    attention = hidden * query + 2 * hidden * key_value + query * hidden
+    layer = attention + 2 * 16 + 3 * hidden * intermediate + 2 * hidden  # q/k norms, MLP, two norms
+    assert figures["parameters"] == 151936 * hidden + layers * layer + hidden
+    assert figures["adapted_parameters"] == layers * attention
+    rank = config.LORA_RANK
+    assert figures["lora"] == layers * rank * ((hidden + query) + 2 * (hidden + key_value) + (query + hidden))
+    # A layer keeps far more than its input, which is all a checkpointed one keeps.
+    assert figures["layer_bytes_per_token"] > 10 * figures["checkpointed_layer_bytes_per_token"] == 20 * hidden
+    # The first layer keeps less than the others: nothing below it needs a gradient.
+    assert 0 < figures["one_layer_model_bytes_per_token"] < 2 * figures["layer_bytes_per_token"]
+    assert "tiny" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["run", "gpu", "memory"])
 def test_benchmarks_patch_none_of_the_project(name):
     """They call the project's public functions: no attribute of a project module is replaced or patched."""
     import ast
