@@ -44,16 +44,16 @@ def setting(name, default, flag, help, scripts, choices=None, flag_in=None):
 
 # Model and data
 setting("MODEL_NAME", "Qwen/Qwen3-0.6B", "--model", "base model: a local directory (or a hub id when online, training only)",
-        "train submit run")
+        "train submit run parity")
 setting("TRAIN_DATA_PATH", "/kaggle/input/map-charting-student-math-misunderstandings/train.csv", "--train-data",
-        "competition train.csv", "train run gpu baseline compare_oof")
+        "competition train.csv", "train run gpu baseline compare_oof parity")
 setting("TEST_DATA_PATH", "/kaggle/input/map-charting-student-math-misunderstandings/test.csv", "--test-data",
         "competition test.csv (train.py: only validate_system.py reads it)", "train submit")
 setting("OUTPUT_DIR", "ver_2", "--output-dir", "where question_<id>/, global/ and summary/ are written",
-        "train submit baseline")
+        "train submit baseline parity")
 setting("SUBMISSION_PATH", "submission.csv", "--submission", "submission file to write", "submit")
 setting("QUESTION_IDS", list(questions), "--questions", "comma-separated QuestionIds to process (default: all 15)",
-        "train submit run baseline")
+        "train submit run baseline parity")
 setting("SCOPE", "question", "--scope",
         "question: one model per QuestionId (question_<id>/); global: one model over the rows of all selected questions "
         "(global/), its scores restricted to each row's question's labels", "train", choices=("question", "global"))
@@ -78,7 +78,7 @@ setting("MAX_LEN", 300, "--max-len", "token budget of a prompt: create_prompt_v2
 setting("EPOCHS", 3, "--epochs", "training epochs per question", "train run gpu")
 setting("TRAIN_BATCH_SIZE", 32, "--batch-size", "training batch size per device", "train run gpu")
 setting("EVAL_BATCH_SIZE", 32, "--eval-batch-size", "evaluation/inference batch size",
-        "train submit run gpu", flag_in={"submit": "--batch-size"})
+        "train submit run gpu parity", flag_in={"submit": "--batch-size"})
 setting("GRADIENT_ACCUMULATION_STEPS", 1, "--grad-accum", "batches accumulated per optimizer step", "train")
 setting("LEARNING_RATE", 2e-4, "--lr", "peak learning rate", "train")
 setting("WEIGHT_DECAY", 0.01, "--weight-decay", "AdamW weight decay", "train")
@@ -108,7 +108,7 @@ setting("LOGGING_STEPS", 10, "--logging-steps", "log the training loss every N s
 setting("GRADIENT_CHECKPOINTING", False, "--gradient-checkpointing", "trade compute for memory (for OOM on small GPUs)",
         "train gpu")
 setting("PAD_TO_MULTIPLE_OF", 0, "--pad-to-multiple-of", "pad batches to a multiple of this many tokens (0: longest row only)",
-        "train submit run gpu")
+        "train submit run gpu parity")
 setting("PRECISION", "auto", "--precision", "auto (bf16 from compute capability 8.0, fp16 on older GPUs such as T4, fp32 on CPU), bf16, fp16 or fp32",
         "train submit", choices=("auto", "bf16", "fp16", "fp32"))
 setting("CHECKPOINT_EVERY", 1, "--checkpoint-every",
@@ -134,9 +134,9 @@ setting("SUMMARIZE_ONLY", False, "--summarize-only", "only rebuild the summary f
 
 # Inference
 setting("CHECKPOINT", "best_map3", "--checkpoint", "adapter to load: best_map3 (best validation MAP@3) or best (final)",
-        "submit compare_oof", choices=("best_map3", "best"))
+        "submit compare_oof parity", choices=("best_map3", "best"))
 setting("CORRECTNESS_MASK", True, "--correctness-mask",
-        "rank labels whose True_/False_ prefix matches the chosen answer's correctness first", "train submit")
+        "rank labels whose True_/False_ prefix matches the chosen answer's correctness first", "train submit parity")
 setting("MERGE_LORA", True, "--merge-lora",
         "fold LoRA into the base weights while predicting a question (the base is restored exactly)", "submit")
 setting("ALLOW_FALLBACK", False, "--allow-fallback",

@@ -17,6 +17,11 @@ pushed past the end (EVAL_STEPS). Inference attaches a fresh LoRA adapter per qu
 utils.predict_logits, as submit.py does (without reading adapters from disk). Only public functions of the
 project are called; none is patched.
 
+Then the submit path (issue 23), recorded for a lent GPU: the default recipe trained for one epoch on synthetic
+rows of three questions on the same random-init model, benchmarks/parity.py's comparison of train.py's evaluation
+against submit.py's Predictor, LoRA unmerged and merged, at fp32 and each precision timed, and the global model's
+pass over 16,000 rows on one GPU and on all of them (submit.global_probabilities).
+
 FLOPs: 6 * N * real tokens + 12 * layers * attention width * sum(row length^2) (PaLM's count, attention
 included), N = all parameters but the embedding table, LoRA included. With LoRA the frozen weights get no
 weight gradients, so the work actually done is nearer 4 * N_frozen + 6 * N_lora per token: `mfu_executed`.
@@ -32,6 +37,7 @@ import time
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # parity.py, a script beside this one
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -40,13 +46,15 @@ from peft import LoraConfig, TaskType  # noqa: E402
 from transformers import Qwen3Config, Qwen3ForSequenceClassification  # noqa: E402
 
 import config  # noqa: E402
+import parity  # noqa: E402
+import submit  # noqa: E402
 import train  # noqa: E402
 from data_collator import build_data_collator  # noqa: E402
-from demo.synthetic import FILLER, make_rows, qwen_tokenizer_dir  # noqa: E402
+from demo.synthetic import FILLER, make_rows, make_synthetic_test, make_synthetic_train, qwen_tokenizer_dir  # noqa: E402
 from prompt_utils import questions  # noqa: E402
 from prompts import encode_prompts  # noqa: E402
-from utils import (TARGET_COLUMN, TORCH_DTYPES, Backbone, InputError, attach_lora, load_tokenizer, predict_logits,  # noqa: E402
-                   read_competition_csv, resolve_precision)
+from utils import (TARGET_COLUMN, TORCH_DTYPES, Backbone, InputError, attach_lora, load_base_model, load_tokenizer,  # noqa: E402
+                   predict_logits, read_competition_csv, resolve_precision)
 
 # The CPU this was written on is shared: two threads at most, fewer when OMP_NUM_THREADS asks (with
 # other work on the cores, one thread avoids OpenMP threads waiting on each other at every op).
@@ -258,6 +266,55 @@ def time_inference(base_model, tokenizer, input_ids, question_of_row, precision,
             "peak_gpu_memory_mb": peak_gpu_mb(device)}
 
 
+# ---------------------------------------------------------------- the submit path
+
+SUBMIT_CHECK_QUESTIONS = [31772, 33471, 109465]
+
+
+def submit_path_checks(tiny, tokenizer, precisions, device):
+    """What submit.py runs on this device against what train.py validated: the default recipe (a global model, then
+    per-question models) trained for one epoch on synthetic rows of three questions, on the model timed above
+    (random weights); then benchmarks/parity.py's comparison (train.py's evaluation path, submit.py's Predictor
+    unmerged and merged) at each precision, and the global model's pass over the rows of a hidden-test-sized
+    file on one device and on all (two CPU "devices" with --tiny)."""
+    work = tempfile.mkdtemp(prefix="map_gpu_submit_")
+    try:
+        model_dir = os.path.join(work, "model")
+        build_model(tiny, tokenizer, "cpu").save_pretrained(model_dir)
+        for name in os.listdir(qwen_tokenizer_dir()):
+            shutil.copy(os.path.join(qwen_tokenizer_dir(), name), model_dir)
+        train_df = make_synthetic_train(40 if tiny else 300, seed=config.SEED, question_ids=SUBMIT_CHECK_QUESTIONS)
+        train_path = os.path.join(work, "train.csv")
+        train_df.to_csv(train_path, index=False)
+        usable = [p for p in precisions if not (device == "cpu" and p == "fp16")]  # the Trainer's fp16 is GPU-only
+        questions_flag = ",".join(map(str, SUBMIT_CHECK_QUESTIONS))
+        if train.main([config.DEFAULT_RECIPE, "--model", model_dir, "--train-data", train_path, "--questions", questions_flag,
+                       "--output-dir", os.path.join(work, "run"), "--epochs", "1", "--precision", usable[0],
+                       "--checkpoint-every", "0"]) != 0:
+            return {"skipped": "training the checks' run failed"}
+        parity_argv = ["--model", model_dir, "--train-data", train_path, "--output-dir", os.path.join(work, "run"),
+                       "--questions", questions_flag, "--precisions", ",".join(precisions)]
+        checks = {"parity": parity.main(parity_argv)["precisions"]}
+        test_df = make_synthetic_test(train_df, rows=64 if tiny else 16000)
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu", "cpu"]
+        config.update({"PRECISION": usable[0]})
+        predictors = [submit.Predictor(load_base_model(model_dir, load_tokenizer(model_dir), TORCH_DTYPES[usable[0]], "cpu"),
+                                       load_tokenizer(model_dir), device) for device in devices]
+        checks["global_pass"] = {}
+        for count in sorted({1, len(devices)}):
+            sync(devices[0])
+            start = time.perf_counter()
+            parts = submit.global_probabilities(predictors[:count], test_df)
+            for device in devices[:count]:
+                sync(device)
+            checks["global_pass"][count] = {"seconds": time.perf_counter() - start,
+                                            "rows": sum(len(part[1]) for part in parts.values())}
+        checks.update({"devices": devices, "global_pass_precision": usable[0]})
+        return checks
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ---------------------------------------------------------------- main
 
 def fmt(value, digits=1):
@@ -337,7 +394,12 @@ def main(argv=None):
                                ("infer peak GPU MB", "peak_gpu_memory_mb", 0)]:
         print(f"{label:32}" + "".join(f"{fmt(results[p]['infer'][key], digits) if p in timed else 'skipped':>14}" for p in precisions))
 
-    summary = {"device": device_name, "tiny": args.tiny, "rows_source": source, "rows": len(df),
+    checks = submit_path_checks(args.tiny, tokenizer, list(dict.fromkeys(["fp32", *precisions])), device)
+    if "global_pass" in checks:
+        one, *more = checks["global_pass"].values()
+        print(f"global model's pass over {one['rows']:,} rows ({checks['global_pass_precision']}): {one['seconds']:.1f} s on "
+              f"{checks['devices'][0]}" + (f", {more[0]['seconds']:.1f} s on {len(checks['devices'])} devices" if more else ""))
+    summary = {"device": device_name, "tiny": args.tiny, "rows_source": source, "rows": len(df), "submit_path": checks,
                "prompt_tokens": prompt_stats, "setup_s": setup_s, "seconds": time.perf_counter() - started,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "precisions": results,
                "load_average": os.getloadavg()[0]}

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -146,7 +147,7 @@ def test_gpu_script_runs_tiny_on_cpu():
     environment = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
     finished = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--tiny", "--seconds", "300",
                                "--batch-size", "8", "--eval-batch-size", "8", "--precisions", "fp32,fp16"], cwd=ROOT,
-                              env=environment, capture_output=True, text=True, timeout=120)
+                              env=environment, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     result = json.loads(finished.stdout.strip().splitlines()[-1])
     for key in ("train_tokens_per_s", "mfu", "projected_full_train_s", "infer_rows_per_s", "projected_16000_rows_s",
@@ -167,6 +168,13 @@ def test_gpu_script_runs_tiny_on_cpu():
     assert result["projected_full_train_s"] == pytest.approx(36696 * config.EPOCHS / training["rows_per_s"])
     assert inference["rows"] == 32 and inference["rows_per_s"] > 0
     assert result["projected_16000_rows_s"] == pytest.approx(16000 / inference["rows_per_s"])
+    # The submit path's records: submit.py's Predictor against train.py's evaluation at each precision (fp16 too: its
+    # inference autocasts on CPU), and the global model's pass on one "device" and on two, over the same rows.
+    checks = result["submit_path"]
+    assert set(checks["parity"]) == {"fp32", "fp16"} and checks["parity"]["fp32"]["rows"] > 0
+    assert max(checks["parity"]["fp32"]["max_prob_diff"].values()) < 1e-6
+    one, two = checks["global_pass"]["1"], checks["global_pass"]["2"]
+    assert one["rows"] == two["rows"] == 64 and one["seconds"] > 0 and two["seconds"] > 0
 
 
 def test_gpu_script_reads_real_rows(train_csv):
@@ -285,7 +293,7 @@ def test_memory_counts_parameters_and_lora_as_the_formulas_do(capsys):
     assert "tiny" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("name", ["run", "gpu", "memory"])
+@pytest.mark.parametrize("name", ["run", "gpu", "memory", "parity"])
 def test_benchmarks_patch_none_of_the_project(name):
     """They call the project's public functions: no attribute of a project module is replaced or patched."""
     import ast
@@ -303,3 +311,23 @@ def test_benchmarks_patch_none_of_the_project(name):
     patched = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call) and node.args
                and ast.unparse(node.func).split(".")[-1] in ("object", "setattr") and owner(node.args[0]) in project]
     assert replaced == [] and patched == []
+
+
+def test_parity_script_compares_validated_unmerged_and_merged(trained, tiny_model, train_csv):
+    """benchmarks/parity.py on the trained run's validation rows: in fp32 the three ways agree to rounding, in bf16
+    within the parity test's tolerance (tests/test_submit.py), and every validation row is counted once."""
+    saved = config.snapshot()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), one_thread():
+            summary = load_script("parity").main(["--model", tiny_model, "--train-data", train_csv, "--output-dir",
+                                                  trained["output_dir"], "--questions", "31772,33471", "--precisions", "fp32,bf16"])
+    finally:
+        config.update(saved)
+    rows = sum(len(pd.read_csv(os.path.join(trained["output_dir"], f"question_{q}", "oof_best_map3.csv"))) for q in (31772, 33471))
+    fp32, bf16 = summary["precisions"]["fp32"], summary["precisions"]["bf16"]
+    assert fp32["rows"] == bf16["rows"] == rows
+    assert max(fp32["max_prob_diff"].values()) < 1e-6
+    assert fp32["map3"]["validated"] == fp32["map3"]["unmerged"] == fp32["map3"]["merged"]
+    assert 0 < max(bf16["max_prob_diff"].values()) < 2e-2 and min(bf16["top3_same"].values()) >= 0.99
+    low, high = bf16["interval"]
+    assert low <= bf16["merged_minus_unmerged"] <= high
