@@ -24,7 +24,10 @@ def is_distributed():
 
 
 def rank():
-    return dist.get_rank() if is_distributed() else 0
+    """This process's rank; a launched process knows it (RANK) before it joins the group."""
+    if is_distributed():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if launched() else 0
 
 
 def world_size():
