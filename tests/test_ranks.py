@@ -162,7 +162,9 @@ def test_workers_under_torchrun_stops_every_process(tiny_model, train_csv, tmp_p
     assert not os.path.exists(tmp_path / "summary")
 
 
-def test_a_dead_rank_stops_the_others_and_nothing_counts_complete(tiny_model, train_csv, tmp_path):
+def test_a_dead_rank_stops_the_others_and_nothing_counts_complete(tiny_model, train_csv, tmp_path, two_processes):
+    """Rank 1 dies at step 20 of the global model's 60 (checkpointed at 15); the rerun resumes from step 15 and
+    trains what the uninterrupted run trained."""
     run = torchrun(os.path.join("tests", "torchrun_probe.py"), "die", "20",
                    *args(tiny_model, train_csv, tmp_path, "--batch-size", str(BATCH)), timeout=180)
     assert run.returncode != 0
@@ -170,3 +172,9 @@ def test_a_dead_rank_stops_the_others_and_nothing_counts_complete(tiny_model, tr
     results = tmp_path / "summary" / "global_results.json"
     assert not results.exists() or read_json(str(results))["status"] == "failed"
     assert not any((tmp_path / "summary" / f"{model}_results.json").exists() for model in MODELS[1:])
+    rerun = torchrun("train.py", *args(tiny_model, train_csv, tmp_path, "--batch-size", str(BATCH)))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "global model: resuming from step 15 of 60" in rerun.stderr
+    losses = [[entry["loss"] for entry in history(output_dir, "global") if "loss" in entry]
+              for output_dir in (str(tmp_path), two_processes["output_dir"])]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
