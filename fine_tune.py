@@ -279,6 +279,9 @@ def input_changes(recorded, current):
         reasons.append("other rows (--train-data or --questions changed)")
     if recorded.get("init_from_hash") != current["init_from_hash"]:
         reasons.append("another starting model (--init-from, or its global model retrained)")
+    # --batch-size is per process: other processes, another global batch and number of steps. Recorded since torchrun.
+    if recorded.get("processes", 1) != current["processes"]:
+        reasons.append(f"processes {recorded.get('processes', 1)} -> {current['processes']}")
     return reasons
 
 

@@ -400,8 +400,10 @@ def training_settings():
 
 
 def model_inputs(rows):
-    """What makes a model what it is, as its results record it: training settings, rows and starting model."""
-    return {"training_settings": training_settings(), "rows_hash": rows_hash(rows), "init_from_hash": init_from_hash()}
+    """What makes a model what it is, as its results record it: training settings, rows, starting model and the
+    processes that train it together (torchrun)."""
+    return {"training_settings": training_settings(), "rows_hash": rows_hash(rows), "init_from_hash": init_from_hash(),
+            "processes": ranks.world_size()}
 
 
 def changed_inputs(recorded, rows):
@@ -468,7 +470,7 @@ def run_question(question_id, rows, backbone):
             logging.getLogger().removeHandler(handler)
             handler.close()
     result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
-                  device=str(device), processes=ranks.world_size(), recipe=config.RECIPE, **model_inputs(rows),
+                  device=str(device), recipe=config.RECIPE, **model_inputs(rows),
                   versions={library: importlib.metadata.version(library) for library in LIBRARIES}, **peak_memory_mb(device))
     if raised is None:
         ranks.barrier()  # the model is complete only once every rank has finished it

@@ -13,6 +13,7 @@ import pytest
 import config
 from conftest import FAST, run_train
 from data_collator import LengthGroupedBatches
+from fine_tune import input_changes
 from utils import read_json
 
 QUESTIONS = [31772, 31774, 33471, 32829]
@@ -178,3 +179,11 @@ def test_a_dead_rank_stops_the_others_and_nothing_counts_complete(tiny_model, tr
     losses = [[entry["loss"] for entry in history(output_dir, "global") if "loss" in entry]
               for output_dir in (str(tmp_path), two_processes["output_dir"])]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+
+
+def test_a_model_trained_on_other_processes_is_retrained():
+    """--batch-size is per process: a model or checkpoint of 2 processes is not that of 1 (another global batch)."""
+    inputs = {"training_settings": {"EPOCHS": 2}, "rows_hash": "r", "init_from_hash": None}
+    assert input_changes({**inputs, "processes": 2}, {**inputs, "processes": 1}) == ["processes 2 -> 1"]
+    assert input_changes(inputs, {**inputs, "processes": 1}) == []  # recorded before torchrun: one process
+    assert input_changes({**inputs, "processes": 2}, {**inputs, "processes": 2}) == []
