@@ -437,10 +437,10 @@ def peak_memory_mb(device):
 
 
 def run_question(question_id, rows, backbone):
-    """Train one question (or the global model) with its own log file; a failure is recorded, not raised.
+    """Train one question (or the global model) with its own log file; a failure is recorded, and the run goes on.
 
     Data-parallel, every rank trains it and rank 0 writes its results once all ranks have finished it; a failure is
-    recorded and raised, ending this process, so the launcher stops the others (which may be waiting on it).
+    recorded and raised, ending this process, so that the launcher stops the others (which may be waiting on it).
     """
     # No results file while a question trains: a run killed midway leaves it to be retrained.
     if ranks.is_main() and os.path.isfile(config.get_question_results_path(question_id)):
@@ -711,8 +711,8 @@ def train_stage(df, device=None):
         check_lora_targets()
     # Under a launcher, each process trains every model on its own device, data-parallel with the others.
     devices = [device] if device else training_devices()[:1] if config.SCOPE == "global" else training_devices()
-    for device in devices:  # a bad --precision stops here, not inside the workers
-        resolve_precision(config.PRECISION, device)
+    for each in devices:  # a bad --precision stops here, not inside the workers
+        resolve_precision(config.PRECISION, each)
     total = ranks.main_decides(lambda: sum(models_to_train(df, question_id) for question_id in question_ids))
     log.info("training %s (%d model%s) on %s", "the global model" if config.SCOPE == "global"
              else f"{len(question_ids)} questions" + (" from the global model" if config.INIT_FROM else ""),
