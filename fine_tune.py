@@ -28,6 +28,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import config
 import report
+import ranks
 from data_collator import LengthGroupedBatches, build_data_collator
 from utils import (HEAD_NAMES, TARGET_COLUMN, attach_lora, attach_lora_from, decode_top_k, label_probabilities, log,
                    map_at_k, predict_logits, question_label_mask, read_json, softmax, write_json_atomic)
@@ -63,7 +64,9 @@ def class_weights(labels, num_classes, power):
 def training_loss(weights, rows_per_step):
     """Cross-entropy with class weights and label smoothing, summed over the rows and divided by the nominal
     rows per optimizer step (batch size x accumulation): the batches vary in size (LengthGroupedBatches), and
-    every row weighs the same wherever it lands."""
+    every row weighs the same wherever it lands. Data-parallel, the rows are one process's (--batch-size per
+    process) and DDP averages the processes' gradients, so a step's gradient is the sum over the global batch divided
+    by the nominal global rows, as one process with the global batch computes it."""
     def loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"].float()
         total = F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=config.LABEL_SMOOTHING,
@@ -134,18 +137,23 @@ class MapTrainer(Trainer):
 
     def get_train_dataloader(self):
         """Batches of rows of similar length, of varying size, in a shuffled order (LengthGroupedBatches), padded by
-        the collator."""
-        batches = LengthGroupedBatches([len(row["input_ids"]) for row in self.train_dataset], self.args.train_batch_size,
-                                       self.args.seed)
-        loader = DataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
-                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
-        return self.accelerator.prepare(loader)
+        the collator; data-parallel, this rank's share of each batch of the global size."""
+        batches = LengthGroupedBatches([len(row["input_ids"]) for row in self.train_dataset],
+                                       self.args.train_batch_size * ranks.world_size(), self.args.seed, ranks.rank(),
+                                       ranks.world_size())
+        loader = EpochDataLoader(self.train_dataset, batch_sampler=batches, collate_fn=self.data_collator,
+                                 num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        # accelerate would deal whole batches to the ranks (BatchSamplerShard), some of them twice to even out
+        # the count: the sampler already gives each rank its share. The Trainer moves each batch to the device.
+        return loader if ranks.is_distributed() else self.accelerator.prepare(loader)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         started = time.perf_counter()
         data, val_idx = self.data, self.val_idx
-        logits = predict_logits(self.model, [data.input_ids[i] for i in val_idx], self.data_collator,
-                                self.args.per_device_eval_batch_size, self.precision)
+        # Each rank predicts its share of the rows; every rank then holds all of them, and decides the same.
+        logits = ranks.gather_shares(predict_logits(self.model, [data.input_ids[i] for i in ranks.share(val_idx)],
+                                                    self.data_collator, self.args.per_device_eval_batch_size,
+                                                    self.precision))
         labels, probs = data.probabilities(logits, val_idx)
         self.last_probs = probs
         allowed = None if data.allowed is None else data.allowed[val_idx]
@@ -160,7 +168,8 @@ class MapTrainer(Trainer):
         if map3 > self.best["map3"]:
             self.best = {"map3": map3, "map3_unmasked": map3_unmasked, "step": self.state.global_step}
             self.best_probs = probs
-            save_adapter(self.model, self.best_map3_dir)
+            if ranks.is_main():
+                save_adapter(self.model, self.best_map3_dir)
         metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_map3": map3,
                    f"{metric_key_prefix}_map3_unmasked": map3_unmasked,
                    f"{metric_key_prefix}_runtime": round(time.perf_counter() - started, 4)}
@@ -185,7 +194,15 @@ class MapTrainer(Trainer):
         self.nonfinite_steps = state.get("nonfinite_steps", 0)  # checkpoints written before it was recorded lack it
         with np.load(os.path.join(folder, "probabilities.npz")) as stored:
             self.best_probs, self.last_probs = stored["best_map3"], stored["best"]
-        replace_directory(self.best_map3_dir, lambda staging: shutil.copytree(os.path.join(folder, "best_map3"), staging))
+        if ranks.is_main():
+            replace_directory(self.best_map3_dir, lambda staging: shutil.copytree(os.path.join(folder, "best_map3"), staging))
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that passes the Trainer's set_epoch on to its batch sampler, as accelerate's prepared one does."""
+
+    def set_epoch(self, epoch):
+        self.batch_sampler.set_epoch(epoch)
 
 
 class NonFiniteSteps(TrainerCallback):
@@ -216,9 +233,12 @@ class CheckpointState(TrainerCallback):
         self.inputs = inputs
 
     def on_save(self, args, state, control, **kwargs):
-        checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        self.trainer.save_resume_state(checkpoint, self.inputs)
-        remove_all_but(args.output_dir, checkpoint)
+        # Each rank writes its RNG state into the checkpoint: rank 0 completes it once all have.
+        ranks.barrier()
+        if ranks.is_main():
+            checkpoint = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            self.trainer.save_resume_state(checkpoint, self.inputs)
+            remove_all_but(args.output_dir, checkpoint)
 
 
 def checkpoint_step(checkpoint):
@@ -259,6 +279,9 @@ def input_changes(recorded, current):
         reasons.append("other rows (--train-data or --questions changed)")
     if recorded.get("init_from_hash") != current["init_from_hash"]:
         reasons.append("another starting model (--init-from, or its global model retrained)")
+    # --batch-size is per process: other processes, another global batch and number of steps. Recorded since torchrun.
+    if recorded.get("processes", 1) != current["processes"]:
+        reasons.append(f"processes {recorded.get('processes', 1)} -> {current['processes']}")
     return reasons
 
 
@@ -277,8 +300,9 @@ def resumable_checkpoint(work_dir, inputs, name):
 
 
 def total_steps(n_train):
-    """Optimizer steps of a model trained on n_train rows."""
-    return math.ceil(n_train / (config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS)) * config.EPOCHS
+    """Optimizer steps of a model trained on n_train rows (by all processes together)."""
+    rows_per_step = config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * ranks.world_size()
+    return math.ceil(n_train / rows_per_step) * config.EPOCHS
 
 
 def training_arguments(output_dir, n_train, precision):
@@ -309,6 +333,12 @@ def training_arguments(output_dir, n_train, precision):
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
+    if ranks.is_distributed():
+        # Every LoRA weight and the head take part in each forward pass: DDP need not search the graph for unused ones.
+        kwargs["ddp_find_unused_parameters"] = False
+    if "average_tokens_across_devices" in TrainingArguments.__dataclass_fields__:
+        # training_loss scales the loss itself; transformers 5 would multiply it by the processes again.
+        kwargs["average_tokens_across_devices"] = False
     if config.GRADIENT_CHECKPOINTING:
         # Non-reentrant: reentrant checkpointing gives LoRA no gradient when the layers' inputs need none (a frozen
         # embedding's). transformers 5 renamed the arguments (the old names warn); 4.51 knows only the old ones.
@@ -355,7 +385,7 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         model = attach_lora(backbone.model, lora_config, len(data.classes), head_bias=bias)
     work_dir = config.get_checkpoint_dir(question_id, fold)
     name = report.model_name(question_id) + ("" if fold is None else f" fold {fold}")
-    resume = resumable_checkpoint(work_dir, inputs, name)
+    resume = ranks.main_decides(lambda: resumable_checkpoint(work_dir, inputs, name))
     try:
         trainer = MapTrainer(
             model=model,
@@ -383,7 +413,8 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
             trainer.initial = trainer.evaluate()  # step 0: the head's prior, or the model started from
         trainer.train(resume_from_checkpoint=resume)
         if trainer.nonfinite_steps > allowance:
-            shutil.rmtree(work_dir, ignore_errors=True)  # the same inputs would fail the same way
+            if ranks.is_main():
+                shutil.rmtree(work_dir, ignore_errors=True)  # the same inputs would fail the same way
             raise NonFiniteTraining(
                 f"{trainer.nonfinite_steps} optimizer step(s) with non-finite gradients by step {trainer.state.global_step} "
                 f"(allowed in {backbone.precision}: {allowance}); try a lower --lr, or --precision bf16 or fp32")
@@ -393,10 +424,11 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         if evaluated[-1] != trainer.state.global_step:
             trainer.evaluate()
         final = next(entry for entry in reversed(trainer.state.log_history) if "eval_map3" in entry)
-        save_adapter(model, config.get_question_model_path(question_id, "best", fold))
-        log_name = "log_history.json" if fold is None else f"log_history_fold_{fold}.json"
-        write_json_atomic(os.path.join(config.get_question_log_dir(question_id), log_name), trainer.state.log_history)
-        shutil.rmtree(work_dir, ignore_errors=True)
+        if ranks.is_main():
+            save_adapter(model, config.get_question_model_path(question_id, "best", fold))
+            log_name = "log_history.json" if fold is None else f"log_history_fold_{fold}.json"
+            write_json_atomic(os.path.join(config.get_question_log_dir(question_id), log_name), trainer.state.log_history)
+            shutil.rmtree(work_dir, ignore_errors=True)
     finally:
         model.unload()
     return {

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
+import ranks
 import report
 from fine_tune import MapTrainer, ModelData, input_changes, train_fold
 from sources import choose_sources, sources_path
@@ -269,7 +270,7 @@ def train_question(question_id, rows, backbone):
     model is complete, so a run stopped in fold k goes on with fold k, from its last checkpoint (fine_tune.py).
     """
     targets = training_targets(rows, config.LABEL_SPACE)
-    encoder = fit_label_encoder(targets, config.get_question_label_encoder_path(question_id))
+    encoder = ranks.main_decides(lambda: fit_label_encoder(targets, config.get_question_label_encoder_path(question_id)))
     classes = list(encoder.classes_)
     result = {"question_id": question_id, "classes": classes, "num_classes": len(classes), "folds": config.FOLDS,
               "label_counts": rows[TARGET_COLUMN].value_counts().to_dict(), "rows": len(rows),
@@ -306,13 +307,14 @@ def train_question(question_id, rows, backbone):
     fold_results = []
     inputs = model_inputs(rows)
     for fold, (train_idx, val_idx), start in zip(folds, splits, starts):
-        finished = None if fold is None or config.OVERWRITE else finished_fold(question_id, fold, rows)
+        finished = None if fold is None or config.OVERWRITE else \
+            ranks.main_decides(lambda: finished_fold(question_id, fold, rows))
         if finished:
             fold_result, probs = finished
             log.info("%s fold %d: finished in an earlier run, kept", report.model_name(question_id), fold)
         else:
             fold_result, probs = train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, start)
-            if fold is not None:
+            if fold is not None and ranks.is_main():
                 save_finished_fold(question_id, fold, rows, fold_result, probs)
         fold_results.append(fold_result)
         fold_of_row[val_idx] = fold or 0
@@ -324,7 +326,7 @@ def train_question(question_id, rows, backbone):
     scored = np.sort(np.concatenate([val_idx for _, val_idx in splits]))
     if question_id == config.GLOBAL:
         result["per_question_final_map3"] = map3_by_question(data, labels, oof["best"][scored], scored)
-    scores = write_oof(question_id, data, labels, fold_of_row, oof, scored)
+    scores = ranks.main_decides(lambda: write_oof(question_id, data, labels, fold_of_row, oof, scored))
     final_ranked = decode_top_k(oof["best"][scored], labels, [data.correct[i] for i in scored], config.CORRECTNESS_MASK,
                                 allowed=data.label_mask(scored, labels))
     result.update(stall_test(average_precisions(data.rows[TARGET_COLUMN].to_numpy()[scored], final_ranked),
@@ -332,7 +334,8 @@ def train_question(question_id, rows, backbone):
     if config.FOLDS == 1:
         return {**result, **fold_results[0]}
     for fold in folds:
-        shutil.rmtree(finished_fold_dir(question_id, fold), ignore_errors=True)
+        if ranks.is_main():
+            shutil.rmtree(finished_fold_dir(question_id, fold), ignore_errors=True)
     return {
         **result, "fold_results": fold_results,
         # Over every row, each predicted by the fold model that did not see it.
@@ -397,8 +400,10 @@ def training_settings():
 
 
 def model_inputs(rows):
-    """What makes a model what it is, as its results record it: training settings, rows and starting model."""
-    return {"training_settings": training_settings(), "rows_hash": rows_hash(rows), "init_from_hash": init_from_hash()}
+    """What makes a model what it is, as its results record it: training settings, rows, starting model and the
+    processes that train it together (torchrun)."""
+    return {"training_settings": training_settings(), "rows_hash": rows_hash(rows), "init_from_hash": init_from_hash(),
+            "processes": ranks.world_size()}
 
 
 def changed_inputs(recorded, rows):
@@ -432,34 +437,47 @@ def peak_memory_mb(device):
 
 
 def run_question(question_id, rows, backbone):
-    """Train one question (or the global model) with its own log file; a failure is recorded, not raised."""
+    """Train one question (or the global model) with its own log file; a failure is recorded, and the run goes on.
+
+    Data-parallel, every rank trains it and rank 0 writes its results once all ranks have finished it; a failure is
+    recorded and raised, ending this process, so that the launcher stops the others (which may be waiting on it).
+    """
     # No results file while a question trains: a run killed midway leaves it to be retrained.
-    if os.path.isfile(config.get_question_results_path(question_id)):
+    if ranks.is_main() and os.path.isfile(config.get_question_results_path(question_id)):
         os.remove(config.get_question_results_path(question_id))
-    handler = setup_logging(os.path.join(config.get_question_log_dir(question_id), "train.log"))
+    handler = setup_logging(os.path.join(config.get_question_log_dir(question_id), "train.log")) if ranks.is_main() else None
     wandb_run = None
     started = time.time()
     device = backbone.device
     if torch.device(device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    raised = None
     try:
-        if config.USE_WANDB:
+        if config.USE_WANDB and ranks.is_main():
             import wandb
             wandb_run = wandb.init(project=config.WANDB_PROJECT, group=os.path.basename(os.path.abspath(config.OUTPUT_DIR)),
                                    name=os.path.basename(config.get_question_output_dir(question_id)), config=config.snapshot())
         result = train_question(question_id, rows, backbone)
     except Exception as error:
-        log.error("%s failed:\n%s", report.model_name(question_id), traceback.format_exc())
+        log.error("%s failed%s:\n%s", report.model_name(question_id),
+                  f" on rank {ranks.rank()}" if ranks.is_distributed() else "", traceback.format_exc())
         result = {"question_id": question_id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        raised = error if ranks.is_distributed() else None
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-        logging.getLogger().removeHandler(handler)
-        handler.close()
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
                   device=str(device), recipe=config.RECIPE, **model_inputs(rows),
                   versions={library: importlib.metadata.version(library) for library in LIBRARIES}, **peak_memory_mb(device))
-    write_json_atomic(config.get_question_results_path(question_id), result)
+    if raised is None:
+        ranks.barrier()  # the model is complete only once every rank has finished it
+    if ranks.is_main():
+        write_json_atomic(config.get_question_results_path(question_id), result)
+    if raised is not None:
+        raise raised
     return result
 
 
@@ -545,7 +563,7 @@ def train_questions(df, question_ids, device, progress):
     MapTrainer.progress = progress
     for question_id in question_ids:
         rows = model_rows(df, question_id)
-        if not config.OVERWRITE and is_complete(question_id, rows):
+        if not config.OVERWRITE and ranks.main_decides(lambda: is_complete(question_id, rows)):
             log.info("%s: results complete, skipping (use --overwrite to retrain)", report.model_name(question_id))
             continue
         models = models_to_fit(df, question_id)
@@ -678,8 +696,9 @@ def run_stages():
     return settings
 
 
-def train_stage(df):
-    """Train the models of the current settings' stage; returns the QuestionIds (or GLOBAL) it trained."""
+def train_stage(df, device=None):
+    """Train the models of the current settings' stage; returns the QuestionIds (or GLOBAL) it trained.
+    `device`: this process's, under a launcher (ranks.start)."""
     question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
     resolve_prompt_version()
     if config.SCOPE == "global":
@@ -690,19 +709,21 @@ def train_stage(df):
         init_from_result(config.INIT_FROM, df, question_ids)  # a mismatch stops here, before any question's results are replaced
     if not config.INIT_FROM:  # a started model keeps its global adapter's layers
         check_lora_targets()
-    devices = training_devices()[:1] if config.SCOPE == "global" else training_devices()
-    for device in devices:  # a bad --precision stops here, not inside the workers
-        resolve_precision(config.PRECISION, device)
-    total = sum(models_to_train(df, question_id) for question_id in question_ids)
+    # Under a launcher, each process trains every model on its own device, data-parallel with the others.
+    devices = [device] if device else training_devices()[:1] if config.SCOPE == "global" else training_devices()
+    for each in devices:  # a bad --precision stops here, not inside the workers
+        resolve_precision(config.PRECISION, each)
+    total = ranks.main_decides(lambda: sum(models_to_train(df, question_id) for question_id in question_ids))
     log.info("training %s (%d model%s) on %s", "the global model" if config.SCOPE == "global"
              else f"{len(question_ids)} questions" + (" from the global model" if config.INIT_FROM else ""),
-             total, "" if total == 1 else "s", ", ".join(devices))
+             total, "" if total == 1 else "s",
+             f"{ranks.world_size()} processes ({device} on rank 0)" if device else ", ".join(devices))
     # Bars on a terminal, for one process only: workers' bars would overwrite each other. Every GPU run
-    # trains in a worker process pinned to its GPU.
-    progress = report.RunProgress(total, bars=devices == ["cpu"])
+    # trains in a worker process pinned to its GPU, or in the launcher's processes.
+    progress = report.RunProgress(total, bars=devices == ["cpu"] and ranks.is_main())
     with logging_redirect_tqdm():  # log lines printed above the bars, not through them
-        if devices == ["cpu"]:
-            train_questions(df, question_ids, "cpu", progress)
+        if device or devices == ["cpu"]:
+            train_questions(df, question_ids, devices[0], progress)
         else:
             train_parallel(df, question_ids, devices, progress)
     progress.close()
@@ -710,7 +731,7 @@ def train_stage(df):
 
 
 def failed_models(question_ids):
-    results = read_question_results(question_ids)
+    results = ranks.main_decides(lambda: read_question_results(question_ids))
     return [q for q in question_ids if results.get(q, {}).get("status") == "failed"]
 
 
@@ -719,9 +740,15 @@ def main(argv=None):
     setup_logging()
     trained, failed = [], []
     try:
+        ranks.check_launch(config.GIVEN)
+        device = ranks.start()
+        if not ranks.is_main():
+            logging.getLogger().setLevel(logging.WARNING)  # rank 0 tells the run; the others only what goes wrong
         if config.DEMO:
             from demo.synthetic import prepare_demo
-            prepare_demo()
+            ranks.main_decides(prepare_demo)  # rank 0 writes the demo's files
+            if not ranks.is_main():
+                prepare_demo()  # finds them, and points this process's settings at them
         stages = run_stages()
         if not config.SUMMARIZE_ONLY:
             df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
@@ -732,16 +759,19 @@ def main(argv=None):
                 config.update(stage)
                 if len(stages) > 1:
                     log.info("stage %d of %d (%s): %s", number, len(stages), config.RECIPE, stage_text(stage, stages[0]))
-                trained += train_stage(df)
+                trained += train_stage(df, device)
                 failed = failed_models(trained)
                 if failed and number < len(stages):
                     log.error("%s failed: the later stages of %s were not trained", report.model_name(failed[0]),
                               config.RECIPE)
                     break
-            choose_sources(df)
+            ranks.main_decides(lambda: choose_sources(df))
     except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
+        if ranks.is_main():
+            print(f"error: {error}", file=sys.stderr)
         return 2
+    if not ranks.is_main():
+        return 1 if failed else 0
     summary = write_summary(config.QUESTION_IDS)
     print(report.training_table(summary), flush=True)
     return 1 if failed else 0

@@ -3,6 +3,7 @@
     python benchmarks/gpu.py --seconds 180                       # one H100: bf16, then fp16 (the T4 path)
     python benchmarks/gpu.py --train-data train.csv --seconds 180  # token lengths of real rows
     python benchmarks/gpu.py --tiny                               # tiny config on CPU, for the tests
+    python benchmarks/gpu.py --scaling                            # one model's epoch on 1, 2, ... all GPUs (torchrun)
 
 The model is built from the Qwen3-0.6B config with random weights (nothing is downloaded); the tokenizer is
 the real Qwen3 one (demo.synthetic.qwen_tokenizer_dir). Rows are --train-data's, or synthetic ones inside
@@ -26,11 +27,17 @@ FLOPs: 6 * N * real tokens + 12 * layers * attention width * sum(row length^2) (
 included), N = all parameters but the embedding table, LoRA included. With LoRA the frozen weights get no
 weight gradients, so the work actually done is nearer 4 * N_frozen + 6 * N_lora per token: `mfu_executed`.
 Prints a table and, as its last line, one JSON object.
+
+--scaling instead times one epoch of the global model (train.py --scope global --epochs 1, evaluated at its start
+and end) over --rows synthetic rows of the 15 questions under torchrun at 1, 2, ... all GPUs, on the same
+random-init model saved to a scratch folder; on CPU, 1 process of all OMP_NUM_THREADS threads against 2 of half
+as many each. The seconds are train.py's own (results' `seconds`), start-up of the processes left out.
 """
 import json
 import os
 import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +86,7 @@ def extra_arguments(parser):
     parser.add_argument("--infer-rows", type=int, default=None, help="most rows to predict (default 16000; 32 with --tiny)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps (default none; 4 with --tiny)")
     parser.add_argument("--warmup-steps", type=int, default=3, help="steps left out of the training throughput")
+    parser.add_argument("--scaling", action="store_true", help="time one model's epoch on 1 to all GPUs (torchrun) instead")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak of the GPU at the precision timed (H100 SXM bf16/fp16: 989)")
 
 
@@ -317,6 +325,47 @@ def submit_path_checks(tiny, tokenizer, precisions, device):
 
 # ---------------------------------------------------------------- main
 
+def scaling(tiny, n_rows):
+    """{processes: seconds} of one epoch of the global model trained by train.py under torchrun."""
+    scratch = tempfile.mkdtemp(prefix="map_gpu_scaling_")
+    tokenizer = load_tokenizer(qwen_tokenizer_dir())
+    model_dir, data = os.path.join(scratch, "model"), os.path.join(scratch, "train.csv")
+    build_model(tiny, tokenizer, "cpu").save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    make_synthetic_train(max(10, n_rows // len(questions)), seed=config.SEED).to_csv(data, index=False)
+    gpus = torch.cuda.device_count()
+    counts = list(range(1, gpus + 1)) if gpus else [1, 2]
+    threads = torch.get_num_threads()
+    runs = {}
+    for count in counts:
+        output_dir = os.path.join(scratch, f"run_{count}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // count)), "TOKENIZERS_PARALLELISM": "false"}
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(count),
+                   "train.py", config.DEFAULT_RECIPE, "--model", model_dir, "--train-data", data, "--output-dir",
+                   output_dir, "--scope", "global", "--epochs", "1", "--eval-steps", str(10**9),
+                   "--batch-size", str(config.TRAIN_BATCH_SIZE)]
+        run = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
+                             capture_output=True, text=True)
+        if run.returncode:
+            raise SystemExit(f"torchrun with {count} process(es) failed:\n{run.stderr[-3000:]}")
+        with open(os.path.join(output_dir, "summary", "global_results.json")) as handle:
+            result = json.load(handle)
+        runs[count] = {"seconds": result["seconds"], "steps": result["steps"], "train_rows": result["train_rows"],
+                       "threads_per_process": int(env["OMP_NUM_THREADS"]), "final_map3": result["final_map3"]}
+    shutil.rmtree(scratch, ignore_errors=True)
+    one = runs[counts[0]]["seconds"]
+    print(f"one epoch of the global model ({'tiny Qwen3' if tiny else 'Qwen3-0.6B architecture'}, "
+          f"{runs[counts[0]]['train_rows']} training rows, --batch-size {config.TRAIN_BATCH_SIZE} per process) on "
+          f"{torch.cuda.get_device_name() if gpus else 'cpu'}")
+    print(f"{'processes':>10}{'threads each':>14}{'steps':>7}{'seconds':>9}{'speed-up':>10}{'efficiency':>12}")
+    for count, run in runs.items():
+        print(f"{count:>10}{run['threads_per_process']:>14}{run['steps']:>7}{run['seconds']:>9.1f}"
+              f"{one / run['seconds']:>10.2f}{one / run['seconds'] / count:>12.2f}")
+    summary = {"scaling": runs, "device": torch.cuda.get_device_name() if gpus else "cpu", "tiny": tiny}
+    print(json.dumps(summary, sort_keys=True))
+    return summary
+
+
 def fmt(value, digits=1):
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -324,6 +373,8 @@ def fmt(value, digits=1):
 def main(argv=None):
     default_data = config.TRAIN_DATA_PATH
     args = config.parse_args(__doc__.splitlines()[0], "gpu", argv, extra_arguments=extra_arguments)
+    if args.scaling:
+        return scaling(args.tiny, args.rows or (2250 if args.tiny else 16000))
     seconds = args.seconds if args.seconds is not None else (20 if args.tiny else 180)
     n_rows = args.rows or (256 if args.tiny else 16000)
     infer_rows = args.infer_rows or (32 if args.tiny else 16000)

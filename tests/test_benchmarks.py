@@ -331,3 +331,19 @@ def test_parity_script_compares_validated_unmerged_and_merged(trained, tiny_mode
     assert 0 < max(bf16["max_prob_diff"].values()) < 2e-2 and min(bf16["top3_same"].values()) >= 0.99
     low, high = bf16["interval"]
     assert low <= bf16["merged_minus_unmerged"] <= high
+
+
+def test_gpu_script_scaling_on_cpu():
+    """--scaling on CPU: the global model's epoch on 1 process of 2 threads and on 2 of 1 (torchrun)."""
+    environment = dict(os.environ, OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    finished = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu.py"), "--tiny", "--scaling",
+                               "--rows", "600", "--batch-size", "8"], cwd=ROOT, env=environment, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    runs = json.loads(finished.stdout.strip().splitlines()[-1])["scaling"]
+    assert set(runs) == {"1", "2"}
+    assert [runs[count]["threads_per_process"] for count in ("1", "2")] == [2, 1]
+    assert runs["1"]["train_rows"] == runs["2"]["train_rows"]
+    # --batch-size is per process: two processes take half the steps, rounded up.
+    assert runs["2"]["steps"] == (runs["1"]["steps"] + 1) // 2
+    assert all(run["seconds"] > 0 for run in runs.values())
