@@ -79,8 +79,12 @@ def _padding_batch_sizes(sorted_lengths, batch_size, min_size):
     sorted_lengths = np.array(sorted_lengths, dtype=int)
     token_cap = batch_size * int(sorted_lengths.max(initial=0))
     segment = SEGMENT_BATCHES * batch_size
-    return tuple(size for start in range(0, len(sorted_lengths), segment)
-                 for size in _fewest_token_sizes(sorted_lengths[start:start + segment], batch_size, token_cap, min_size))
+    starts = list(range(0, len(sorted_lengths), segment))
+    if len(starts) > 1 and len(sorted_lengths) - starts[-1] < min_size:
+        starts.pop()  # a last run too short for a batch of min_size rows joins the one before
+    ends = starts[1:] + [len(sorted_lengths)]
+    return tuple(size for start, end in zip(starts, ends)
+                 for size in _fewest_token_sizes(sorted_lengths[start:end], batch_size, token_cap, min_size))
 
 
 def sorted_batches(order, sizes):
