@@ -375,7 +375,10 @@ def write_submission(path, row_ids, predictions):
 def ensemble_record(dirs):
     """The runs' weights, written to ensemble.json (None for one run): --ensemble-weights, else fitted on the runs'
     out-of-fold files and --train-data's rows."""
-    weights = [float(part) for part in config.ENSEMBLE_WEIGHTS.split(",") if part.strip()]
+    try:
+        weights = [float(part) for part in config.ENSEMBLE_WEIGHTS.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--ensemble-weights {config.ENSEMBLE_WEIGHTS}: not a comma list of numbers") from None
     if len(dirs) == 1:
         if weights:
             raise InputError(f"--ensemble-weights {config.ENSEMBLE_WEIGHTS}: weighs the runs of --output-dir A,B,...; "

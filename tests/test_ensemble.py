@@ -107,6 +107,7 @@ def test_bad_input_is_one_line_and_exit_2(two_runs, tiny_model, test_csv, train_
         ((",".join(two_runs), "--train-data", str(missing)), f"error: --train-data {missing}: file not found"),
         ((two_runs[0], "--ensemble-weights", "1,0"), "error: --ensemble-weights 1,0: weighs the runs of --output-dir"),
         ((",".join(two_runs), "--ensemble-weights", "1"), "error: --ensemble-weights 1.0: give one non-negative weight"),
+        ((",".join(two_runs), "--ensemble-weights", "1,x"), "error: --ensemble-weights 1,x: not a comma list of numbers"),
         ((",".join(two_runs), "--model", f"{tiny_model},{tiny_model},{tiny_model}"), f"error: --model {tiny_model},"),
     ]
     for (output_dir, *extra), message in cases:
