@@ -157,3 +157,14 @@ def test_a_question_keeps_its_own_weights_only_where_they_win_on_held_out_folds(
     # Where question 1's preference holds on one fold only, held-out folds do not confirm it: the shared vector.
     scores[second_only, (questions == 1) & (folds > 0)] -= 1.0
     assert ensemble.fit(scores, questions, folds, np.ones(len(questions), dtype=bool)) == (first_only, {})
+
+
+def test_each_run_takes_the_model_given_for_it_or_the_one_it_recorded(two_runs, tiny_model, monkeypatch):
+    monkeypatch.setattr(config, "GIVEN", set())  # no --model on the command line
+    recorded = read_json(os.path.join(two_runs[0], "summary", "question_31772_results.json"))["training_settings"]["MODEL_NAME"]
+    assert recorded == tiny_model and ensemble.run_models(two_runs) == [tiny_model, tiny_model]
+    config.GIVEN.add("MODEL_NAME")
+    config.update({"MODEL_NAME": "/models/x,/models/y"})
+    assert ensemble.run_models(two_runs) == ["/models/x", "/models/y"]
+    config.update({"MODEL_NAME": "/models/x"})
+    assert ensemble.run_models(two_runs) == ["/models/x", "/models/x"]
