@@ -291,12 +291,18 @@ def predict(test_df, devices=None, record=None):
             loaded[model_name] = load_predictors(model_name, devices)
         return loaded[model_name]
 
-    runs = []
+    models = ensemble.run_models(dirs)
+    # A base model's runs one after the other, and its copies freed after its last: two backbones need not fit a
+    # GPU at once.
+    order = sorted(range(len(dirs)), key=lambda run: models.index(models[run]))
+    runs = [None] * len(dirs)
     bar = tqdm(total=len(test_df) * len(dirs), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
     with logging_redirect_tqdm():
-        for run_dir, model_name in zip(dirs, ensemble.run_models(dirs)):
-            with ensemble.in_run(run_dir, model_name):
-                runs.append(run_probabilities(test_df, devices, predictors_of, bar))
+        for position, run in enumerate(order):
+            with ensemble.in_run(dirs[run], models[run]):
+                runs[run] = run_probabilities(test_df, devices, predictors_of, bar)
+            if models[run] not in [models[later] for later in order[position + 1:]]:
+                loaded.pop(models[run], None)
     bar.close()
     predictions, done, fallbacks = {}, [], {}
     for question_id, rows in test_df.groupby("QuestionId", sort=False):
