@@ -43,13 +43,16 @@ def setting(name, default, flag, help, scripts, choices=None, flag_in=None):
 
 
 # Model and data
-setting("MODEL_NAME", "Qwen/Qwen3-0.6B", "--model", "base model: a local directory (or a hub id when online, training only)",
+setting("MODEL_NAME", "Qwen/Qwen3-0.6B", "--model", "base model: a local directory (or a hub id when online, training "
+        "only); submit.py with several --output-dir: one for all or a comma list, one per run (default: each run's recorded model)",
         "train submit run parity")
 setting("TRAIN_DATA_PATH", "/kaggle/input/map-charting-student-math-misunderstandings/train.csv", "--train-data",
-        "competition train.csv", "train run gpu baseline compare_oof parity")
+        "competition train.csv (submit.py: only an ensemble of runs reads it, to fit their weights)",
+        "train submit run gpu baseline compare_oof parity")
 setting("TEST_DATA_PATH", "/kaggle/input/map-charting-student-math-misunderstandings/test.csv", "--test-data",
         "competition test.csv (train.py: only validate_system.py reads it)", "train submit")
-setting("OUTPUT_DIR", "ver_2", "--output-dir", "where question_<id>/, global/ and summary/ are written",
+setting("OUTPUT_DIR", "ver_2", "--output-dir", "where question_<id>/, global/ and summary/ are written (submit.py: a "
+        "comma list of runs averages them, weights fitted on their out-of-fold files)",
         "train submit baseline parity")
 setting("SUBMISSION_PATH", "submission.csv", "--submission", "submission file to write", "submit")
 setting("QUESTION_IDS", list(questions), "--questions", "comma-separated QuestionIds to process (default: all 15)",
@@ -145,6 +148,9 @@ setting("ALLOW_FALLBACK", False, "--allow-fallback",
 setting("GLOBAL_WEIGHT", 0.25, "--global-weight",
         "weight of the global model where both it and a question's model exist (0: question models only, 1: global only)",
         "submit")
+setting("ENSEMBLE_WEIGHTS", "", "--ensemble-weights",
+        "comma-separated weights of the runs of --output-dir A,B,... instead of fitting them (empty: fit on their "
+        "out-of-fold files)", "submit")
 
 # Experiment tracking
 setting("USE_WANDB", False, "--wandb", "log each question as a wandb run (one group per output dir)", "train")

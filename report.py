@@ -206,6 +206,19 @@ def prediction_table(groups, seconds):
             + f"\n{total} rows in {seconds:.1f} s ({total / max(seconds, 1e-9):.0f} rows/s, model loading included)")
 
 
+def ensemble_line(record, path):
+    """submit.py's line on an ensemble of runs: the weights, where they come from, their out-of-fold scores."""
+    runs = ", ".join(record["runs"])
+    weights = "/".join(f"{weight:g}" for weight in record["weights"])
+    if not record["fitted"]:
+        return f"ensemble of {runs}: weights {weights} (--ensemble-weights); {path}"
+    own = [question for question, entry in record["questions"].items() if entry["own"]]
+    alone = ", ".join(f"{score:.4f}" for score in record["runs_map3"])
+    return (f"ensemble of {runs}: weights {weights}" + (f", own weights for {', '.join(own)}" if own else "")
+            + f"; out of fold over {record['rows']} rows MAP@3 {record['map3']:.4f} (fitted on these rows; each run "
+            f"alone {alone}); {path}")
+
+
 # ---------------------------------------------------------------- pictures
 
 def pyplot():

@@ -31,15 +31,29 @@ def oof_path(question_id, checkpoint):
     return os.path.join(config.get_question_output_dir(question_id), f"oof_{checkpoint}.csv")
 
 
+def oof_parts(own, global_part):
+    """{end: (labels, probabilities)} of a question's OOF tables over the rows of `own` (or, without it, of
+    `global_part`): end 0.0 for its model, 1.0 for the global model."""
+    table = own if own is not None else global_part
+    return {end: (list(part.columns[2:]), part.loc[table.index, part.columns[2:]].to_numpy(float))
+            for end, part in {0.0: own, 1.0: global_part}.items() if part is not None}
+
+
+def blend_at(parts, weight):
+    """(labels, probabilities) of (1 - w) own + w global, blended as submit.py blends (one part alone: itself)."""
+    if len(parts) == 1:
+        return next(iter(parts.values()))
+    return blend_probabilities([(weight if end else 1 - weight, *part) for end, part in parts.items()])
+
+
 def blend_scores(own, global_part, correct):
     """{w: per-row MAP@3 of (1 - w) own + w global, blended as submit.py blends} over the rows of a question's OOF
     table `own` (either may be None: then only the other's weight is scored)."""
     table = own if own is not None else global_part
-    parts = {end: (list(part.columns[2:]), part.loc[table.index, part.columns[2:]].to_numpy(float))
-             for end, part in {0.0: own, 1.0: global_part}.items() if part is not None}
+    parts = oof_parts(own, global_part)
     scores = {}
     for weight in GLOBAL_WEIGHTS if len(parts) == 2 else list(parts):
-        labels, blended = blend_probabilities([(weight if end else 1 - weight, *part) for end, part in parts.items()])
+        labels, blended = blend_at(parts, weight)
         ranked = decode_top_k(blended, labels, correct, config.CORRECTNESS_MASK)
         scores[weight] = average_precisions(table["label"].to_numpy(), ranked)
     return scores
@@ -72,21 +86,51 @@ def global_part(global_table, question_id, question_rows, question_classes):
     return global_table.loc[list(question_rows), ["fold", "label", *global_table.columns[2:][own]]]
 
 
+def question_tables(df, question_id, checkpoint, results, global_table):
+    """(its model's OOF table or None, the global model's over the same rows or None) of one question."""
+    own = read_oof(oof_path(question_id, checkpoint)) if (results.get(question_id, {}).get("status") == "succeeded" and
+                                                          os.path.isfile(oof_path(question_id, checkpoint))) else None
+    if own is not None:
+        rows = own.index
+    else:  # the question's rows the global model validated: all of them out of fold, some with one split
+        rows = [] if global_table is None else global_table.index.intersection(df.loc[df["QuestionId"] == question_id, "row_id"])
+    question_classes = (results.get(config.GLOBAL) or {}).get("question_classes", {})
+    return own, global_part(global_table, question_id, rows, question_classes) if len(rows) else None
+
+
+def global_table_of(results, checkpoint):
+    """The global model's OOF table, None without a usable global model."""
+    path = oof_path(config.GLOBAL, checkpoint)
+    usable = results.get(config.GLOBAL, {}).get("status") == "succeeded" and os.path.isfile(path)
+    return read_oof(path) if usable else None
+
+
+def run_oof(df, checkpoint):
+    """{QuestionId: (OOF table: fold and label by row_id, labels, probabilities)} of the run in --output-dir: each
+    question's out-of-fold probabilities as submit.py blends them (its model and the global model at the weight
+    global_weight gives)."""
+    results = read_question_results([*config.QUESTION_IDS, config.GLOBAL])
+    global_table = global_table_of(results, checkpoint)
+    chosen = chosen_weights(checkpoint)
+    tables = {}
+    for question_id in config.QUESTION_IDS:
+        own, from_global = question_tables(df, question_id, checkpoint, results, global_table)
+        if own is None and from_global is None:
+            continue
+        table = own if own is not None else from_global
+        tables[question_id] = (table[["fold", "label"]], *blend_at(oof_parts(own, from_global),
+                                                                   global_weight(question_id, chosen)))
+    return tables
+
+
 def question_sources(df, checkpoint, results, global_table):
     """({QuestionId: entry}, {figure: per-row scores over every question}) for one checkpoint; the figures are
     chosen (each question's chosen weight), fixed (--global-weight for all) and cross_fold."""
     correct = dict(zip(df["row_id"], correctness_of(df)))
-    question_classes = (results.get(config.GLOBAL) or {}).get("question_classes", {})
     entries, figures = {}, {"chosen": [], "fixed": [], "cross_fold": []}
     for question_id in config.QUESTION_IDS:
         result = results.get(question_id, {})
-        own = read_oof(oof_path(question_id, checkpoint)) if (result.get("status") == "succeeded" and
-                                                              os.path.isfile(oof_path(question_id, checkpoint))) else None
-        if own is not None:
-            rows = own.index
-        else:  # the question's rows the global model validated: all of them out of fold, some with one split
-            rows = [] if global_table is None else global_table.index.intersection(df.loc[df["QuestionId"] == question_id, "row_id"])
-        from_global = global_part(global_table, question_id, rows, question_classes) if len(rows) else None
+        own, from_global = question_tables(df, question_id, checkpoint, results, global_table)
         if own is None and from_global is None:
             continue
         table = own if own is not None else from_global
@@ -108,9 +152,7 @@ def choose_sources(df):
     results = read_question_results([*config.QUESTION_IDS, config.GLOBAL])
     record = {"weights": list(GLOBAL_WEIGHTS), "default_global_weight": config.GLOBAL_WEIGHT}
     for checkpoint in CHECKPOINTS:
-        path = oof_path(config.GLOBAL, checkpoint)
-        usable = results.get(config.GLOBAL, {}).get("status") == "succeeded" and os.path.isfile(path)
-        entries, figures = question_sources(df, checkpoint, results, read_oof(path) if usable else None)
+        entries, figures = question_sources(df, checkpoint, results, global_table_of(results, checkpoint))
         if not entries:
             continue
         overall = {f"{figure}_map3": float(scores.mean()) for figure, scores in figures.items()}
@@ -130,3 +172,11 @@ def chosen_weights(checkpoint):
         return {}
     entries = read_json(path).get(checkpoint, {}).get("questions", {})
     return {int(question_id): entry["global_weight"] for question_id, entry in entries.items()}
+
+
+def global_weight(question_id, chosen):
+    """The global model's weight in a question's blend: --global-weight when given, else the one train.py chose for
+    the question out of fold (`chosen`), else --global-weight's default."""
+    if "GLOBAL_WEIGHT" in config.GIVEN:
+        return config.GLOBAL_WEIGHT
+    return chosen.get(question_id, config.GLOBAL_WEIGHT)

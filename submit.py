@@ -22,12 +22,13 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
+import ensemble
 import report
 from data_collator import build_data_collator
 from prompts import encode_prompts
-from sources import chosen_weights
+from sources import chosen_weights, global_weight
 from utils import (TARGET_COLUMN, TOP_K, TORCH_DTYPES, InputError, allowed_classes, blend_probabilities, correctness_of,
-                   decode_top_k, frequency_top_k, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
+                   decode_top_k, frequency_probabilities, label_probabilities, load_adapter, load_base_model, load_tokenizer, log,
                    lora_merged, predict_logits, question_label_mask, read_competition_csv, read_question_results, resolve_precision,
                    setup_logging)
 
@@ -124,18 +125,22 @@ MODEL_UNUSABLE = "model unusable"
 NO_RESULTS = "no training results"
 
 
-def global_weight(question_id, chosen):
-    """The global model's weight in a question's blend: --global-weight when given, else the one train.py chose for
-    the question out of fold (`chosen`), else --global-weight's default."""
-    if "GLOBAL_WEIGHT" in config.GIVEN:
-        return config.GLOBAL_WEIGHT
-    return chosen.get(question_id, config.GLOBAL_WEIGHT)
-
-
 def predict_group(predictor, question_id, rows, results, global_part=None, weight=None):
     """(a question's predictions, how they were made, None or why they come from label frequencies): its model,
     the global model's (labels, probabilities, how) for these rows, or their blend (`weight`, by default
-    GLOBAL_WEIGHT, on the global model); label frequencies when neither is usable.
+    GLOBAL_WEIGHT, on the global model); label frequencies when neither is usable."""
+    labels, probs, fill, how, why = group_probabilities(predictor, question_id, rows, results, global_part, weight)
+    return decode(labels, probs, fill, rows), how, why
+
+
+def decode(labels, probs, fill, rows):
+    """The top-3 labels of each row: the one place where probabilities become predictions."""
+    return decode_top_k(probs, labels, correctness_of(rows), config.CORRECTNESS_MASK, fill)
+
+
+def group_probabilities(predictor, question_id, rows, results, global_part=None, weight=None):
+    """(labels, probabilities of the rows, labels that fill a top 3 of fewer classes, how, None or why label
+    frequencies): predict_group's probabilities, label frequencies for every row where no model is usable.
 
     A question skipped in training (one class) predicts that class first: its frequency table.
     """
@@ -166,13 +171,12 @@ def predict_group(predictor, question_id, rows, results, global_part=None, weigh
         parts.append((weight, *global_part[:2]))
         used.append(global_part[2])
     if not parts:
-        return (frequency_top_k(labels, frequencies, correctness_of(rows), config.CORRECTNESS_MASK, fill),
-                f"{source} label frequencies ({why})", why)
+        return labels, frequency_probabilities(frequencies, len(rows)), fill, f"{source} label frequencies ({why})", why
     if len(parts) == 1:  # the weight applies where both models exist
         parts = [(1.0, *parts[0][1:])]
     blend_labels, probs = blend_probabilities(parts)
     how = used[0] if len(used) == 1 else f"{used[0]} + {used[1]}, global weight {weight:g}"
-    return decode_top_k(probs, blend_labels, correctness_of(rows), config.CORRECTNESS_MASK, fill), how, None
+    return blend_labels, probs, fill, how, None
 
 
 def models_used(name, models, folds):
@@ -224,55 +228,113 @@ def balance(groups, n_workers):
     return [work for _, work in loads]
 
 
-def predict(test_df, devices=None):
-    """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds);
-    {question: None or why it was predicted by label frequencies})."""
+def load_predictors(model_name, devices):
+    """One Predictor per device, on one disk load of the base model."""
+    precisions = sorted({resolve_precision(config.PRECISION, device) for device in devices})
+    if len(precisions) > 1:
+        raise InputError(f"--precision {config.PRECISION}: the devices resolve it differently ({', '.join(precisions)}); "
+                         "give one precision for all, e.g. --precision fp16")
+    precision = precisions[0]
+    with ThreadPoolExecutor(1) as pool:
+        # transformers parses the tokenizer (about 1 s for Qwen3's) while the base model loads.
+        tokenizer = pool.submit(load_tokenizer, model_name, offline=True)
+        base_model = load_base_model(model_name, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
+        tokenizer = tokenizer.result()
+    # Each extra device gets copies, made on the CPU before the first device takes the original; a fast
+    # tokenizer must not be shared between threads.
+    copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
+    return [Predictor(model, device_tokenizer, device)
+            for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
+
+
+def run_probabilities(test_df, devices, predictors_of, bar):
+    """{QuestionId: (labels, probabilities, fill labels, how, None or why label frequencies, seconds)} of every
+    question of the test frame, from the run in --output-dir; `predictors_of(model)` gives its loaded predictors."""
     results = read_question_results(sorted(set(config.QUESTION_IDS) | set(test_df["QuestionId"])))
     groups = [(int(qid), rows) for qid, rows in test_df.groupby("QuestionId", sort=False)]
     needs_model = any(qid in config.QUESTION_IDS and results.get(qid, {}).get("status") == "succeeded" for qid, _ in groups)
     needs_model |= os.path.isfile(config.get_question_results_path(config.GLOBAL))
-    devices = devices or visible_devices()
-    predictors = [None] * len(devices)
-    if needs_model:
-        precisions = sorted({resolve_precision(config.PRECISION, device) for device in devices})
-        if len(precisions) > 1:
-            raise InputError(f"--precision {config.PRECISION}: the devices resolve it differently ({', '.join(precisions)}); "
-                             "give one precision for all, e.g. --precision fp16")
-        precision = precisions[0]
-        with ThreadPoolExecutor(1) as pool:
-            # transformers parses the tokenizer (about 1 s for Qwen3's) while the base model loads.
-            tokenizer = pool.submit(load_tokenizer, config.MODEL_NAME, offline=True)
-            base_model = load_base_model(config.MODEL_NAME, tokenizer, TORCH_DTYPES[precision], "cpu", offline=True)
-            tokenizer = tokenizer.result()
-        # Each extra device gets copies, made on the CPU before the first device takes the original; a fast
-        # tokenizer must not be shared between threads.
-        copies = [(copy.deepcopy(base_model), copy.deepcopy(tokenizer)) for _ in devices[1:]]
-        predictors = [Predictor(model, device_tokenizer, device)
-                      for (model, device_tokenizer), device in zip([(base_model, tokenizer)] + copies, devices)]
+    predictors = predictors_of(config.MODEL_NAME) if needs_model else [None] * len(devices)
     chosen = chosen_weights(config.CHECKPOINT)
     weights = {qid: global_weight(qid, chosen) for qid, _ in groups}
     # At weight 0 the global model only stands in for a question without a model of its own (predict_group adds
     # the questions whose model turns out unusable).
     own_only = [qid for qid in config.QUESTION_IDS if results.get(qid, {}).get("status") == "succeeded" and weights.get(qid) == 0]
     global_parts = global_probabilities(predictors, test_df[~test_df["QuestionId"].isin(own_only)])
-    predictions, done, fallbacks = {}, [], {}
-    bar = tqdm(total=len(test_df), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
+    parts = {}
 
     def run(worker):
         predictor, work = worker
         for question_id, rows in work:
             started = time.time()
-            labels, how, fallbacks[question_id] = predict_group(predictor, question_id, rows, results,
-                                                                global_parts.get(question_id), weights[question_id])
-            predictions.update(zip(rows["row_id"], labels))
-            done.append((question_id, len(rows), how, time.time() - started))
+            part = group_probabilities(predictor, question_id, rows, results, global_parts.get(question_id),
+                                       weights[question_id])
+            parts[question_id] = (*part, time.time() - started)
             bar.update(len(rows))
 
     workers = list(zip(predictors, balance(groups, len(devices))))
-    with logging_redirect_tqdm(), ThreadPoolExecutor(len(workers)) as pool:
+    with ThreadPoolExecutor(len(workers)) as pool:
         list(pool.map(run, workers))
+    return parts
+
+
+def predict(test_df, devices=None, record=None):
+    """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds);
+    {question: None or why it was predicted by label frequencies}). Several runs in --output-dir are blended with
+    the weights of `record` (ensemble.py); runs with the same base model share its load."""
+    devices = devices or visible_devices()
+    dirs = ensemble.run_dirs()
+    loaded = {}
+
+    def predictors_of(model_name):
+        if model_name not in loaded:
+            loaded[model_name] = load_predictors(model_name, devices)
+        return loaded[model_name]
+
+    models = ensemble.run_models(dirs)
+    # A base model's runs one after the other, and its copies freed after its last: two backbones need not fit a
+    # GPU at once.
+    order = sorted(range(len(dirs)), key=lambda run: models.index(models[run]))
+    runs = [None] * len(dirs)
+    bar = tqdm(total=len(test_df) * len(dirs), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
+    with logging_redirect_tqdm():
+        for position, run in enumerate(order):
+            with ensemble.in_run(dirs[run], models[run]):
+                runs[run] = run_probabilities(test_df, devices, predictors_of, bar)
+            if models[run] not in [models[later] for later in order[position + 1:]]:
+                loaded.pop(models[run], None)
     bar.close()
+    predictions, done, fallbacks = {}, [], {}
+    for question_id, rows in test_df.groupby("QuestionId", sort=False):
+        parts = [run[int(question_id)] for run in runs]
+        if len(parts) == 1:
+            labels, probs, fill, how, why, seconds = parts[0]
+        else:
+            labels, probs, fill, how, why, seconds = blend_runs(parts, ensemble.weights_of(record, question_id), dirs)
+        predictions.update(zip(rows["row_id"], decode(labels, probs, fill, rows)))
+        done.append((int(question_id), len(rows), how, seconds))
+        fallbacks[int(question_id)] = why
     return [predictions[row_id] for row_id in test_df["row_id"]], done, fallbacks
+
+
+def blend_runs(parts, weights, dirs):
+    """One question's part (run_probabilities) from each run's, at the runs' weights. A run whose model was not
+    usable for the question is left out; where only runs at weight 0 have one, they stand in at equal weights, and
+    where none has, the first run's label frequencies do."""
+    usable = [(weight, part) for weight, part in zip(weights, parts) if part[4] is None]
+    if not usable:
+        return parts[0][:5] + (sum(part[5] for part in parts),)
+    if not any(weight > 0 for weight, _ in usable):
+        usable = [(1.0, part) for _, part in usable]
+    usable = sorted([(weight, part) for weight, part in usable if weight > 0], key=lambda item: -item[0])
+    if len(usable) == 1:
+        labels, probs = usable[0][1][:2]
+    else:
+        labels, probs = ensemble.blend_runs([weight for weight, _ in usable], [part[:2] for _, part in usable])
+    fill = list(dict.fromkeys(label for _, part in usable for label in part[2]))
+    how = "; ".join(f"{weight:g} {os.path.basename(os.path.normpath(run_dir))}: {part[3]}"
+                    for weight, part, run_dir in zip(weights, parts, dirs))
+    return labels, probs, fill, how, None, sum(part[5] for part in parts)
 
 
 def fallback_report(fallbacks):
@@ -316,6 +378,30 @@ def write_submission(path, row_ids, predictions):
     return written
 
 
+def ensemble_record(dirs):
+    """The runs' weights, written to ensemble.json (None for one run): --ensemble-weights, else fitted on the runs'
+    out-of-fold files and --train-data's rows."""
+    try:
+        weights = [float(part) for part in config.ENSEMBLE_WEIGHTS.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--ensemble-weights {config.ENSEMBLE_WEIGHTS}: not a comma list of numbers") from None
+    if len(dirs) == 1:
+        if weights:
+            raise InputError(f"--ensemble-weights {config.ENSEMBLE_WEIGHTS}: weighs the runs of --output-dir A,B,...; "
+                             f"--output-dir {config.OUTPUT_DIR} is one run")
+        return None
+    if weights:
+        record = ensemble.fixed_record(dirs, weights)
+    else:
+        try:
+            train_df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
+        except InputError as error:
+            raise InputError(f"--train-data {error} (an ensemble of runs fits their weights on its rows)") from None
+        record = ensemble.fit_record(train_df, dirs, config.CHECKPOINT)
+    ensemble.write_record(record)
+    return record
+
+
 def main(argv=None):
     config.parse_args(__doc__.splitlines()[0], "submit", argv)
     setup_logging()
@@ -325,19 +411,25 @@ def main(argv=None):
             prepare_demo()
         test_df = read_competition_csv(config.TEST_DATA_PATH, labelled=False)
         check_writable(config.SUBMISSION_PATH)
-        if not config.ALLOW_FALLBACK and not read_question_results([*config.QUESTION_IDS, config.GLOBAL]):
-            # A mistyped --output-dir would otherwise write label frequencies for every row, and a notebook's `!python`
-            # cell ignores the exit code.
-            raise InputError(f"--output-dir {config.OUTPUT_DIR}: no training results (summary/*_results.json) for any "
-                             f"question; check the path (--allow-fallback writes label frequencies)")
+        dirs = ensemble.run_dirs()
+        for run_dir in dirs:
+            with ensemble.in_run(run_dir):
+                if not config.ALLOW_FALLBACK and not read_question_results([*config.QUESTION_IDS, config.GLOBAL]):
+                    # A mistyped --output-dir would otherwise write label frequencies for every row, and a notebook's
+                    # `!python` cell ignores the exit code.
+                    raise InputError(f"--output-dir {run_dir}: no training results (summary/*_results.json) for any "
+                                     f"question; check the path (--allow-fallback writes label frequencies)")
+        record = ensemble_record(dirs)
         started = time.time()
-        predictions, done, fallbacks = predict(test_df)
+        predictions, done, fallbacks = predict(test_df, record=record)
         seconds = time.time() - started
         write_submission(config.SUBMISSION_PATH, test_df["row_id"], predictions)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.prediction_table(done, seconds), flush=True)
+    if record:
+        print(report.ensemble_line(record, ensemble.record_path()), flush=True)
     log.info("wrote %s: %d rows", config.SUBMISSION_PATH, len(test_df))
     line, unexpected = fallback_report(fallbacks)
     if unexpected and not config.ALLOW_FALLBACK:

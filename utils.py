@@ -260,11 +260,15 @@ def decode_top_k(probs, classes, correct, mask, fill_labels=(), k=TOP_K, allowed
     return decoded
 
 
+def frequency_probabilities(frequencies, rows):
+    """Label frequencies as the same probabilities for each of `rows` rows (the label prior)."""
+    frequencies = np.asarray(frequencies, dtype=np.float64)
+    return np.tile(frequencies / max(frequencies.sum(), 1), (rows, 1))
+
+
 def frequency_top_k(labels, frequencies, correct, mask, fill_labels=()):
     """Top-k labels per row from label frequencies alone (the label prior), under the same correctness mask."""
-    frequencies = np.asarray(frequencies, dtype=np.float64)
-    probs = np.tile(frequencies / max(frequencies.sum(), 1), (len(correct), 1))
-    return decode_top_k(probs, labels, correct, mask, fill_labels)
+    return decode_top_k(frequency_probabilities(frequencies, len(correct)), labels, correct, mask, fill_labels)
 
 
 # ---------------------------------------------------------------- models

@@ -3,10 +3,14 @@
 Both runs score the same rows, so the difference in MAP@3 is measured row by row; a bootstrap over the rows
 gives its 95% interval. An interval that straddles 0 means the data cannot tell the two runs apart. A run is an
 output dir (its per-question models) or an output dir's `global/` (its global model). With `--blend-weights`,
-B is also blended into A: (1 - w) A + w B over each row's labels, for each w.
+B is also blended into A: (1 - w) A + w B over each row's labels, for each w. With `--ensemble`, the runs (two or
+more output dirs) are the members of the ensemble `submit.py --output-dir A,B,...` fits (ensemble.py), scored
+honestly: each fold's rows with the weights fitted on the other folds, beside each run alone and the weights fitted
+on all rows (which flatter themselves).
 
     python benchmarks/compare_oof.py --train-data train.csv runs/baseline runs/with_lever [--checkpoint best]
     python benchmarks/compare_oof.py --train-data train.csv runs/q runs/g/global --blend-weights 0.25,0.5,0.75
+    python benchmarks/compare_oof.py --train-data train.csv --ensemble runs/qwen runs/suffix runs/other_lr
 
 (`--checkpoint`: which OOF file, oof_best_map3.csv or oof_best.csv.)
 """
@@ -19,7 +23,8 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
-from utils import (blend_probabilities, correctness_of, decode_top_k, map_at_k, paired_difference,  # noqa: E402
+import ensemble  # noqa: E402
+from utils import (InputError, blend_probabilities, correctness_of, decode_top_k, map_at_k, paired_difference,  # noqa: E402
                    question_label_mask, read_competition_csv, read_json)
 
 
@@ -83,23 +88,54 @@ def compare(train_data, run_a, run_b, checkpoint, blend_weights=()):
     return per_question, [(name, *paired_difference(np.concatenate(diffs))) for name, diffs in differences.items() if name != "A"]
 
 
+def compare_ensemble(train_data, runs, checkpoint):
+    """compare's figures for the ensemble of `runs`: each run alone, the weights fitted on all rows, and each fold
+    scored with the weights fitted on the other folds; the differences: the cross-fold ensemble minus each run."""
+    try:
+        rows = read_competition_csv(train_data, labelled=True)
+        vectors = ensemble.grid(len(runs))
+        scores, questions, folds = ensemble.score_grid(rows, ensemble.run_oofs(rows, runs, checkpoint), vectors)
+        honest = ensemble.cross_fold_scores(scores, questions, folds)
+    except InputError as error:
+        raise SystemExit(f"error: {error}") from None
+    shared, own = ensemble.fit(scores, questions, folds, np.ones(len(questions), dtype=bool))
+    names = [os.path.basename(os.path.normpath(run)) for run in runs]
+    columns = {name: scores[int(np.flatnonzero(vectors[:, run] == 1)[0])] for run, name in enumerate(names)}
+    columns["ensemble (fitted)"] = scores[[own.get(int(q), shared) for q in questions], np.arange(len(questions))]
+    columns["ensemble (cross-fold)"] = honest
+    per_question = {int(q): (int((questions == q).sum()), {name: float(column[questions == q].mean())
+                                                          for name, column in columns.items()})
+                    for q in np.unique(questions)}
+    return per_question, [(f"ensemble (cross-fold) - {name}", *paired_difference(honest - columns[name])) for name in names]
+
+
 def main(argv=None):
     def run_dirs(parser):
-        parser.add_argument("run_a", help="output dir (or its global/) of the reference run")
-        parser.add_argument("run_b", help="output dir (or its global/) of the run compared with it")
+        parser.add_argument("runs", nargs="+", help="output dirs (or their global/): the reference run A and the run B "
+                                                    "compared with it; with --ensemble, the ensemble's runs")
         parser.add_argument("--blend-weights", default="", help="comma-separated weights w of B in (1 - w) A + w B")
+        parser.add_argument("--ensemble", action="store_true",
+                            help="score the ensemble of the runs that submit.py fits, each fold with weights fitted on the others")
     args = config.parse_args(__doc__.splitlines()[0], "compare_oof", argv, extra_arguments=run_dirs)
     weights = [float(w) for w in args.blend_weights.split(",") if w.strip()]
-    per_question, compared = compare(config.TRAIN_DATA_PATH, args.run_a, args.run_b, config.CHECKPOINT, weights)
+    if args.ensemble:
+        if len(args.runs) < 2 or weights:
+            raise SystemExit("error: --ensemble takes two or more runs, without --blend-weights")
+        per_question, compared = compare_ensemble(config.TRAIN_DATA_PATH, args.runs, config.CHECKPOINT)
+    elif len(args.runs) != 2:
+        raise SystemExit(f"error: give two runs, A and B ({len(args.runs)} given), or --ensemble")
+    else:
+        per_question, compared = compare(config.TRAIN_DATA_PATH, *args.runs, config.CHECKPOINT, weights)
     names = list(next(iter(per_question.values()))[1])
-    print("question rows " + " ".join(f"{name:>11}" for name in names))
+    width = {name: max(11, len(name)) for name in names}
+    print("question rows " + " ".join(f"{name:>{width[name]}}" for name in names))
     for question_id, (rows, scores) in per_question.items():
-        print(f"{question_id:>8} {rows:>4} " + " ".join(f"{scores[name]:>11.4f}" for name in names))
+        print(f"{question_id:>8} {rows:>4} " + " ".join(f"{scores[name]:>{width[name]}.4f}" for name in names))
     rows = sum(entry[0] for entry in per_question.values())
     overall = {name: sum(n * scores[name] for n, scores in per_question.values()) / rows for name in names}
-    print(f"{'all':>8} {rows:>4} " + " ".join(f"{overall[name]:>11.4f}" for name in names))
+    print(f"{'all':>8} {rows:>4} " + " ".join(f"{overall[name]:>{width[name]}.4f}" for name in names))
     for name, mean, (low, high) in compared:
-        print(f"{name} - A: {mean:+.4f} (95% bootstrap interval {low:+.4f} to {high:+.4f})")
+        print(f"{name if args.ensemble else name + ' - A'}: {mean:+.4f} (95% bootstrap interval {low:+.4f} to {high:+.4f})")
     return per_question, compared
 
 
