@@ -52,6 +52,13 @@ def start():
     return device
 
 
+def finish():
+    """Leave the process group before the process exits: left open, gloo's threads can abort the exit ("terminate
+    called without an active exception"), and torchrun then reports a run that succeeded as failed."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
 def check_launch(given):
     """InputError when a flag that places models on processes (`given`: the settings named on the command line)
     clashes with a launcher that already did."""

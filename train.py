@@ -785,4 +785,6 @@ def stage_text(stage, first):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    ranks.finish()
+    sys.exit(exit_code)

@@ -41,6 +41,7 @@ def batches_of_each_rank(path):
     if torch.distributed.get_rank() == 0:
         with open(path, "w") as handle:
             json.dump({"world_size": len(shares), "ranks": shares}, handle)
+    torch.distributed.destroy_process_group()
 
 
 def die_at(step, argv):
