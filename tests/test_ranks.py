@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import transformers
 
 import config
 from conftest import FAST, run_train
@@ -182,6 +183,10 @@ def test_a_dead_rank_stops_the_others_and_nothing_counts_complete(tiny_model, tr
     results = tmp_path / "summary" / "global_results.json"
     assert not results.exists() or read_json(str(results))["status"] == "failed"
     assert not any((tmp_path / "summary" / f"{model}_results.json").exists() for model in MODELS[1:])
+    if int(transformers.__version__.split(".")[0]) < 5:
+        # CI's minimum-version run: 4.x loads a checkpoint's optimizer state onto args.device under several processes,
+        # "cpu:0" on CPUs, which torch.load rejects; the README says resuming under torchrun on CPUs needs 5.x.
+        pytest.xfail("transformers 4.x cannot resume a checkpoint under torchrun on CPUs (map_location cpu:0)")
     rerun = torchrun("train.py", *args(tiny_model, train_csv, tmp_path, "--batch-size", str(BATCH)))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "global model: resuming from step 15 of 60" in rerun.stderr
