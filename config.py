@@ -105,6 +105,9 @@ setting("VAL_FRACTION", 0.2, "--val-fraction", "fraction of each question's rows
         "fraction (K <= 20); a class with a single row stays in training with every row repeating its text",
         "train gpu baseline")
 setting("SEED", 42, "--seed", "random seed (split, head init, data order)", "train run gpu baseline")
+setting("SEEDS", "", "--seeds", "comma-separated model seeds (head and LoRA init, data order, dropout): each model is "
+        "trained once per seed on --seed's split, the first into --output-dir, each other into --output-dir/seed_<s>/; "
+        "submit.py averages them (empty: --seed alone)", "train")
 setting("EVAL_STEPS", 0.1, "--eval-steps", "evaluate every N optimizer steps; a value below 1 is a fraction of the run",
         "train gpu")
 setting("LOGGING_STEPS", 10, "--logging-steps", "log the training loss every N steps", "train")
@@ -216,6 +219,12 @@ def get_summary_dir():
 def get_question_results_path(question_id):
     name = "global_results.json" if question_id == GLOBAL else f"question_{question_id}_results.json"
     return os.path.join(get_summary_dir(), name)
+
+
+def model_seed():
+    """The seed of the models this process trains: the first of --seeds (a seeds run gives each of its runs its own
+    seed there), else --seed."""
+    return int(SEEDS.split(",")[0]) if SEEDS else SEED
 
 
 def snapshot():

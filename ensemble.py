@@ -6,6 +6,8 @@ share: every vector of the grid of step GRID_STEP over the simplex is scored by 
 one. One vector serves all questions; a question gets its own only where that beats the shared vector fitted on the
 other folds, scored fold by fold on its held-out rows (a question's few hundred rows would otherwise pick the
 weights that fit their noise). The weights and scores are written to ensemble.json beside the submission.
+
+A run trained with several seeds (train.py --seeds) is one run here: its seeds' runs averaged at equal weights.
 """
 import contextlib
 import itertools
@@ -14,8 +16,9 @@ import os
 import numpy as np
 
 import config
-from sources import run_oof
-from utils import InputError, average_precisions, blend_probabilities, correctness_of, decode_top_k, read_json, write_json_atomic
+from sources import CHECKPOINTS, run_oof
+from utils import (InputError, average_precisions, blend_probabilities, correctness_of, decode_top_k, paired_difference,
+                   read_json, write_json_atomic)
 
 GRID_STEP = 0.1
 
@@ -73,12 +76,69 @@ def blend_runs(weights, parts):
     return blend_probabilities([(weight, *part) for weight, part in zip(weights, parts) if weight > 0])
 
 
+def seeds_path(run_dir):
+    return os.path.join(run_dir, "summary", "seeds.json")
+
+
+def seed_dirs(run_dir):
+    """The runs of a seeds run (train.py --seeds): its own dir, then seed_<s>/ of each other seed; [run_dir] for a
+    run of one seed."""
+    if not os.path.isfile(seeds_path(run_dir)):
+        return [run_dir]
+    return [os.path.normpath(os.path.join(run_dir, name)) for name in read_json(seeds_path(run_dir))["runs"]]
+
+
+def write_seeds_record(runs):
+    """summary/seeds.json of --output-dir: the seeds and where their runs are (relative to it)."""
+    write_json_atomic(seeds_path(config.OUTPUT_DIR), {
+        "seeds": [seed for seed, _ in runs], "runs": [os.path.relpath(run_dir, config.OUTPUT_DIR) for _, run_dir in runs]})
+
+
+def mean_oof(oofs):
+    """{QuestionId: (table, labels, probabilities)}: the equal-weight mean of several runs' OOF over the rows they all
+    have."""
+    mean = {}
+    for question_id in sorted(set.intersection(*(set(oof) for oof in oofs))):
+        table = oofs[0][question_id][0]
+        for oof in oofs[1:]:
+            table = table.loc[table.index.intersection(oof[question_id][0].index, sort=False)]
+        parts = [(1.0, labels, probs[part_table.index.get_indexer(table.index)])
+                 for part_table, labels, probs in (oof[question_id] for oof in oofs)]
+        mean[question_id] = (table, *blend_probabilities(parts))
+    return mean
+
+
+def score_seeds(df, runs):
+    """Score each seed's run and their average out of fold, for each checkpoint, over the rows all seeds have; write
+    them into summary/seeds.json and return it."""
+    record = read_json(seeds_path(config.OUTPUT_DIR))
+    for checkpoint in CHECKPOINTS:
+        oofs = []
+        for _, run_dir in runs:
+            with in_run(run_dir):
+                oofs.append(run_oof(df, checkpoint))
+        if not all(oofs):
+            continue
+        vectors = np.vstack([np.eye(len(runs)), np.full(len(runs), 1 / len(runs))])
+        scores, _, _ = score_grid(df, oofs, vectors)
+        mean, interval = paired_difference(scores[-1] - scores[:-1].mean(axis=0))
+        record[checkpoint] = {"rows": scores.shape[1], "seeds_map3": scores[:-1].mean(axis=1).tolist(),
+                              "average_map3": float(scores[-1].mean()),
+                              "average_minus_seeds": {"mean": mean, "interval": list(interval)}}
+    write_json_atomic(seeds_path(config.OUTPUT_DIR), record)
+    return record
+
+
 def run_oofs(df, dirs, checkpoint):
-    """Each run's {QuestionId: (fold and label by row_id, labels, probabilities)} (sources.run_oof)."""
+    """Each run's {QuestionId: (fold and label by row_id, labels, probabilities)} (sources.run_oof; a seeds run's,
+    the mean of its seeds')."""
     oofs = []
     for run_dir in dirs:
-        with in_run(run_dir):
-            oof = run_oof(df, checkpoint)
+        seeds = []
+        for seed_dir in seed_dirs(run_dir):
+            with in_run(seed_dir):
+                seeds.append(run_oof(df, checkpoint))
+        oof = (mean_oof(seeds) if len(seeds) > 1 else seeds[0]) if all(seeds) else {}
         if not oof:
             raise InputError(f"--output-dir {run_dir}: no out-of-fold files (question_<id>/oof_{checkpoint}.csv, "
                              "global/) with training results (summary/); an ensemble fits its weights on them")

@@ -277,6 +277,10 @@ def input_changes(recorded, current):
                for name, value in current["training_settings"].items() if settings.get(name) != value]
     if recorded.get("rows_hash") != current["rows_hash"]:
         reasons.append("other rows (--train-data or --questions changed)")
+    # Recorded since --seeds; before, the model seed was --seed.
+    recorded_seed = recorded.get("model_seed", settings.get("SEED"))
+    if recorded_seed != current["model_seed"]:
+        reasons.append(f"model seed {recorded_seed} -> {current['model_seed']}")
     if recorded.get("init_from_hash") != current["init_from_hash"]:
         reasons.append("another starting model (--init-from, or its global model retrained)")
     # --batch-size is per process: other processes, another global batch and number of steps. Recorded since torchrun.
@@ -329,7 +333,7 @@ def training_arguments(output_dir, n_train, precision):
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         report_to=["wandb"] if config.USE_WANDB else "none",
-        seed=config.SEED,
+        seed=config.model_seed(),
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
     )
@@ -373,7 +377,7 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
     and the checkpoints are deleted once the model is saved. `init` = (adapter dir, head rows) starts from a saved
     adapter (--init-from) instead of a fresh one.
     """
-    set_seed(config.SEED)
+    set_seed(config.model_seed())
     if init:
         model = attach_lora_from(backbone.model, *init)
     else:

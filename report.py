@@ -179,6 +179,13 @@ def training_table(summary):
         lines.append(f"submit.py's sources ({config.CHECKPOINT}, {overall['rows']} rows): MAP@3 {overall['chosen_map3']:.4f} "
                      f"with each question's chosen weight (chosen on these rows{cross_fold}), {overall['fixed_map3']:.4f} "
                      f"at --global-weight {summary['sources']['default_global_weight']:g} for all")
+    seeds = (summary.get("seeds") or {}).get(config.CHECKPOINT)
+    if seeds:
+        difference = seeds["average_minus_seeds"]
+        lines.append(f"seeds {', '.join(map(str, summary['seeds']['seeds']))} (the table: seed {summary['seeds']['seeds'][0]}'s "
+                     f"run; {config.CHECKPOINT}, {seeds['rows']} rows out of fold, each with its chosen sources): MAP@3 {', '.join(f'{score:.4f}' for score in seeds['seeds_map3'])}; "
+                     f"their average {seeds['average_map3']:.4f}, {difference['mean']:+.4f} over the seeds' mean "
+                     f"(95% {difference['interval'][0]:+.4f} to {difference['interval'][1]:+.4f}); submit.py averages them")
     lines += [f"question {q} failed: {entry['error']}" for q, entry in summary["per_question"].items() if entry["status"] == "failed"]
     if summary["per_question"] or not summary.get("global"):  # a global-only run has no per-question overall
         lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 {score_text(summary['overall_final_map3'])} "

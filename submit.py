@@ -296,11 +296,16 @@ def predict(test_df, devices=None, record=None):
     # GPU at once.
     order = sorted(range(len(dirs)), key=lambda run: models.index(models[run]))
     runs = [None] * len(dirs)
-    bar = tqdm(total=len(test_df) * len(dirs), unit="row", desc="predicting", dynamic_ncols=True, disable=None)  # a terminal only
+    seeds = [ensemble.seed_dirs(run_dir) for run_dir in dirs]
+    bar = tqdm(total=len(test_df) * sum(map(len, seeds)), unit="row", desc="predicting", dynamic_ncols=True,
+               disable=None)  # a terminal only
     with logging_redirect_tqdm():
         for position, run in enumerate(order):
-            with ensemble.in_run(dirs[run], models[run]):
-                runs[run] = run_probabilities(test_df, devices, predictors_of, bar)
+            parts = []
+            for seed_dir in seeds[run]:
+                with ensemble.in_run(seed_dir, models[run]):
+                    parts.append(run_probabilities(test_df, devices, predictors_of, bar))
+            runs[run] = parts[0] if len(parts) == 1 else average_seeds(parts, seeds[run])
             if models[run] not in [models[later] for later in order[position + 1:]]:
                 loaded.pop(models[run], None)
     bar.close()
@@ -315,6 +320,19 @@ def predict(test_df, devices=None, record=None):
         done.append((int(question_id), len(rows), how, seconds))
         fallbacks[int(question_id)] = why
     return [predictions[row_id] for row_id in test_df["row_id"]], done, fallbacks
+
+
+def average_seeds(seed_parts, seed_dirs):
+    """A seeds run's {QuestionId: part} (run_probabilities) from its seeds' runs', at equal weights."""
+    average = {}
+    for question_id in seed_parts[0]:
+        parts = [seed[question_id] for seed in seed_parts]
+        labels, probs, fill, _, why, seconds = blend_runs(parts, [1.0] * len(parts), seed_dirs)
+        usable = [part for part in parts if part[4] is None]
+        how = parts[0][3] if not usable else usable[0][3] + (
+            f", {len(usable)} of {len(parts)} seeds" if len(usable) < len(parts) else f", {len(parts)} seeds")
+        average[question_id] = (labels, probs, fill, how, why, seconds)
+    return average
 
 
 def blend_runs(parts, weights, dirs):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
+import ensemble
 import ranks
 import report
 from fine_tune import MapTrainer, ModelData, input_changes, train_fold
@@ -400,10 +401,10 @@ def training_settings():
 
 
 def model_inputs(rows):
-    """What makes a model what it is, as its results record it: training settings, rows, starting model and the
-    processes that train it together (torchrun)."""
+    """What makes a model what it is, as its results record it: training settings, rows, starting model, model seed
+    and the processes that train it together (torchrun)."""
     return {"training_settings": training_settings(), "rows_hash": rows_hash(rows), "init_from_hash": init_from_hash(),
-            "processes": ranks.world_size()}
+            "model_seed": config.model_seed(), "processes": ranks.world_size()}
 
 
 def changed_inputs(recorded, rows):
@@ -514,6 +515,8 @@ def write_summary(question_ids):
             "per_question_final_map3")}
     if os.path.isfile(sources_path()):
         summary["sources"] = read_json(sources_path())
+    if os.path.isfile(ensemble.seeds_path(config.OUTPUT_DIR)):
+        summary["seeds"] = read_json(ensemble.seeds_path(config.OUTPUT_DIR))
     log_settings_groups(summary["training_settings"])
     write_json_atomic(os.path.join(config.get_summary_dir(), "all_questions_summary.json"), summary)
     report.plot_summary(results, summary, global_result)
@@ -738,7 +741,7 @@ def failed_models(question_ids):
 def main(argv=None):
     config.parse_args(__doc__.splitlines()[0], "train", argv, recipe=config.DEFAULT_RECIPE)
     setup_logging()
-    trained, failed = [], []
+    failed = []
     try:
         ranks.check_launch(config.GIVEN)
         device = ranks.start()
@@ -749,23 +752,25 @@ def main(argv=None):
             ranks.main_decides(prepare_demo)  # rank 0 writes the demo's files
             if not ranks.is_main():
                 prepare_demo()  # finds them, and points this process's settings at them
-        stages = run_stages()
+        runs = seed_runs()
         if not config.SUMMARIZE_ONLY:
             df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
             absent = [q for q in config.QUESTION_IDS if q not in set(df["QuestionId"])]
             if absent:
                 raise InputError(f"{config.TRAIN_DATA_PATH}: no rows for QuestionId {', '.join(map(str, absent))}")
-            for number, stage in enumerate(stages, 1):
-                config.update(stage)
-                if len(stages) > 1:
-                    log.info("stage %d of %d (%s): %s", number, len(stages), config.RECIPE, stage_text(stage, stages[0]))
-                trained += train_stage(df, device)
-                failed = failed_models(trained)
-                if failed and number < len(stages):
-                    log.error("%s failed: the later stages of %s were not trained", report.model_name(failed[0]),
-                              config.RECIPE)
+            if len(runs) > 1:
+                ranks.main_decides(lambda: ensemble.write_seeds_record(runs))  # submit.py finds the seeds' runs from the start
+            base = config.snapshot()
+            for seed, run_dir in runs:
+                config.update({**base, "OUTPUT_DIR": run_dir, "SEEDS": str(seed)})
+                if len(runs) > 1:
+                    log.info("model seed %d of --seeds %s: %s", seed, base["SEEDS"], run_dir)
+                failed = train_stages(df, device)
+                if failed:
                     break
-            ranks.main_decides(lambda: choose_sources(df))
+            config.update(base)
+            if len(runs) > 1 and not failed:
+                ranks.main_decides(lambda: ensemble.score_seeds(df, runs))
     except InputError as error:
         if ranks.is_main():
             print(f"error: {error}", file=sys.stderr)
@@ -775,6 +780,39 @@ def main(argv=None):
     summary = write_summary(config.QUESTION_IDS)
     print(report.training_table(summary), flush=True)
     return 1 if failed else 0
+
+
+def seed_runs():
+    """[(model seed, output dir)] of the runs this invocation trains: without --seeds, --seed's into --output-dir;
+    with it, the first seed's into --output-dir and each other's into --output-dir/seed_<s>/, all on --seed's split."""
+    if not config.SEEDS:
+        return [(config.SEED, config.OUTPUT_DIR)]
+    try:
+        seeds = [int(part) for part in config.SEEDS.split(",") if part.strip()]
+    except ValueError:
+        raise InputError(f"--seeds {config.SEEDS}: not a comma list of integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds {config.SEEDS}: a seed repeats")
+    return [(seed, config.OUTPUT_DIR if number == 0 else os.path.join(config.OUTPUT_DIR, f"seed_{seed}"))
+            for number, seed in enumerate(seeds)]
+
+
+def train_stages(df, device):
+    """Train the recipe's stages into the current --output-dir and choose each question's source; returns the
+    models that failed (a failed stage leaves the later ones untrained)."""
+    stages = run_stages()
+    trained, failed = [], []
+    for number, stage in enumerate(stages, 1):
+        config.update(stage)
+        if len(stages) > 1:
+            log.info("stage %d of %d (%s): %s", number, len(stages), config.RECIPE, stage_text(stage, stages[0]))
+        trained += train_stage(df, device)
+        failed = failed_models(trained)
+        if failed and number < len(stages):
+            log.error("%s failed: the later stages of %s were not trained", report.model_name(failed[0]), config.RECIPE)
+            break
+    ranks.main_decides(lambda: choose_sources(df))
+    return failed
 
 
 def stage_text(stage, first):
