@@ -236,6 +236,33 @@ def test_fold_ensemble_scores_match_submit_on_the_held_out_rows(tiny_model, trai
     assert submitted == pytest.approx(results["overall"]["ensemble"], abs=1e-9)
 
 
+def test_heldout_scores_what_submit_writes_for_the_held_out_rows(tiny_model, train_csv, tmp_path):
+    import pandas as pd
+
+    import submit
+    from conftest import train_args
+    from utils import map_at_k
+    heldout = load_script("heldout")
+    output_dir = tmp_path / "run"
+    with one_thread():
+        record = heldout.main(train_args(tiny_model, train_csv, output_dir, "--questions", "33471", "--folds", "2",
+                                         "--epochs", "1", "--seeds", "3,4"))
+    assert list(record["variants"]) == ["seed 3", "seed 4", "2 seeds averaged"]
+    assert record["baseline"] == "seed 3" and record["variants"]["seed 3"]["minus_baseline"]["mean"] == 0
+    data = read_competition_csv(train_csv, labelled=True)
+    dev = read_competition_csv(str(output_dir / "dev.csv"), labelled=True)
+    holdout = data[(data["QuestionId"] == 33471) & ~data["row_id"].isin(dev["row_id"])]
+    assert record["rows"] == len(holdout) and len(dev[dev["QuestionId"] == 33471]) + len(holdout) == (data["QuestionId"] == 33471).sum()
+    # submit.py on the held-out rows averages the two seeds: its MAP@3 is the average's.
+    test_path, submission_path = tmp_path / "holdout.csv", tmp_path / "submission.csv"
+    holdout.drop(columns=["Category", "Misconception"]).to_csv(test_path, index=False)
+    assert submit.main(["--model", tiny_model, "--output-dir", str(output_dir), "--test-data", str(test_path),
+                        "--questions", "33471", "--submission", str(submission_path)]) == 0
+    predicted = pd.read_csv(submission_path, keep_default_na=False, dtype=str).set_index("row_id").loc[holdout["row_id"]]
+    submitted = map_at_k(holdout[TARGET_COLUMN].tolist(), [labels.split() for labels in predicted.iloc[:, 0]])
+    assert submitted == pytest.approx(record["variants"]["2 seeds averaged"]["map3"], abs=1e-9)
+
+
 def test_compare_oof_scores_rows_in_pairs(tmp_path):
     import pandas as pd
     compare_oof = load_script("compare_oof")
