@@ -198,6 +198,16 @@ def fit(scores, questions, folds, rows):
     return shared, own
 
 
+def alone(vectors, run):
+    """The index of the grid vector that weighs run `run` alone."""
+    return int(np.flatnonzero(vectors[:, run] == 1)[0])
+
+
+def chosen_vectors(shared, own, questions):
+    """Per row, the index of the vector its question uses: its own where it kept one, else the shared one."""
+    return np.array([own.get(int(question_id), shared) for question_id in questions])
+
+
 def cross_fold_scores(scores, questions, folds):
     """Per-row MAP@3 of the fitted ensemble, each fold's rows scored with the weights fitted on the other folds
     (the per-question check nested inside them)."""
@@ -216,20 +226,20 @@ def fit_record(df, dirs, checkpoint):
     vectors = grid(len(dirs))
     scores, questions, folds = score_grid(df, run_oofs(df, dirs, checkpoint), vectors)
     shared, own = fit(scores, questions, folds, np.ones(len(questions), dtype=bool))
-    alone = [int(np.flatnonzero(vectors[:, run] == 1)[0]) for run in range(len(dirs))]
+    runs_alone = [alone(vectors, run) for run in range(len(dirs))]
+    chosen = chosen_vectors(shared, own, questions)
     entries = {}
     for question_id in np.unique(questions):
         mine = questions == question_id
-        chosen = own.get(int(question_id), shared)
-        entries[str(question_id)] = {"weights": vectors[chosen].tolist(), "own": int(question_id) in own,
-                                     "rows": int(mine.sum()), "map3": float(scores[chosen, mine].mean()),
-                                     "runs_map3": [float(scores[index, mine].mean()) for index in alone]}
-    chosen = np.array([own.get(int(question_id), shared) for question_id in questions])
+        vector = own.get(int(question_id), shared)
+        entries[str(question_id)] = {"weights": vectors[vector].tolist(), "own": int(question_id) in own,
+                                     "rows": int(mine.sum()), "map3": float(scores[vector, mine].mean()),
+                                     "runs_map3": [float(scores[index, mine].mean()) for index in runs_alone]}
     return {"runs": dirs, "fitted": True, "checkpoint": checkpoint, "grid_step": GRID_STEP, "rows": len(questions),
             "weights": vectors[shared].tolist(), "questions": entries,
             "map3": float(scores[chosen, np.arange(len(questions))].mean()),
             "shared_map3": float(scores[shared].mean()),
-            "runs_map3": [float(scores[index].mean()) for index in alone]}
+            "runs_map3": [float(scores[index].mean()) for index in runs_alone]}
 
 
 def fixed_record(dirs, weights):

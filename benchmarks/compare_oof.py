@@ -100,8 +100,8 @@ def compare_ensemble(train_data, runs, checkpoint):
         raise SystemExit(f"error: {error}") from None
     shared, own = ensemble.fit(scores, questions, folds, np.ones(len(questions), dtype=bool))
     names = [os.path.basename(os.path.normpath(run)) for run in runs]
-    columns = {name: scores[int(np.flatnonzero(vectors[:, run] == 1)[0])] for run, name in enumerate(names)}
-    columns["ensemble (fitted)"] = scores[[own.get(int(q), shared) for q in questions], np.arange(len(questions))]
+    columns = {name: scores[ensemble.alone(vectors, run)] for run, name in enumerate(names)}
+    columns["ensemble (fitted)"] = scores[ensemble.chosen_vectors(shared, own, questions), np.arange(len(questions))]
     columns["ensemble (cross-fold)"] = honest
     per_question = {int(q): (int((questions == q).sum()), {name: float(column[questions == q].mean())
                                                           for name, column in columns.items()})
