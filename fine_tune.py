@@ -3,7 +3,7 @@ checkpoints inside a model from which the same command goes on after a stop.
 
 train.py chooses the models, their rows and splits; `train_fold` fine-tunes one of them on one split.
 
-A checkpoint in <model dir>/[fold_<k>/]trainer/ is what the Trainer writes in checkpoint-<step>/ (LoRA and head,
+A checkpoint in <model dir>/[fold_<k>/ or refit/]trainer/ is what the Trainer writes in checkpoint-<step>/ (LoRA and head,
 optimizer, scheduler, gradient scaler, RNG states, step and log history), completed by CheckpointState in
 resume-<step>/ with what the Trainer does not keep: the best MAP@3 so far, its step and adapter, the validation
 probabilities, the step-0 evaluation and what the model is made from (a model without validation rows, the refit

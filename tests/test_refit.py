@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 import config
+import fine_tune
 import report
 import submit
 import train
@@ -215,13 +216,13 @@ def test_a_stopped_refit_model_resumes_from_its_checkpoint(refit_run, tiny_model
     args = train_args(tiny_model, train_csv, output_dir, *STAGE_FLAGS, "--refit", recipe=config.DEFAULT_RECIPE)
     on_step_end = report.StepBar.on_step_end
 
-    def stopping_at_step_2(self, args, state, control, **kwargs):
-        if state.global_step == 2:
+    def stopping_after_a_checkpoint(self, args, state, control, **kwargs):
+        if fine_tune.complete_checkpoints(args.output_dir):
             raise RuntimeError("stopped")
         return on_step_end(self, args, state, control, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(report.StepBar, "on_step_end", stopping_at_step_2)
+        patch.setattr(report.StepBar, "on_step_end", stopping_after_a_checkpoint)
         assert run_train(args) == 1
     assert results(str(output_dir), 33471)["refit"]["error"] == "RuntimeError: stopped"
     with caplog.at_level("INFO"):
