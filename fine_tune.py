@@ -130,13 +130,17 @@ class MapTrainer(Trainer):
             self.add_callback(report.StepBar(self.progress))
         self.data = data
         self.val_idx = val_idx
-        self.validated = len(val_idx) > 0
         self.precision = precision
         self.best_map3_dir = best_map3_dir
         self.best = {"map3": -1.0}
         self.best_probs = self.last_probs = None
         self.initial = None  # the evaluation at step 0
         self.nonfinite_steps = 0  # optimizer steps whose gradients were not all finite (NonFiniteSteps)
+
+    @property
+    def validated(self):
+        """Whether the model has validation rows (the refit model has none)."""
+        return len(self.val_idx) > 0
 
     def get_train_dataloader(self):
         """Batches of rows of similar length, of varying size, in a shuffled order (LengthGroupedBatches), padded by
