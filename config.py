@@ -123,6 +123,10 @@ setting("CHECKPOINT_EVERY", 1, "--checkpoint-every",
 setting("OVERWRITE", False, "--overwrite", "retrain questions whose results already exist", "train")
 setting("FOLDS", 1, "--folds", "1: one train/validation split; K > 1: K-fold with out-of-fold predictions and a fold ensemble",
         "train baseline")
+setting("REFIT", False, "--refit",
+        "after a model's K folds, train it once more on all its training rows for the epochs the folds chose (mean "
+        "step of their best_map3 as a fraction of their steps, times --epochs), into refit/best; needs --folds K > 1",
+        "train")
 
 # LoRA
 setting("LORA_RANK", 64, "--lora-rank", "LoRA rank r", "train gpu")
@@ -148,6 +152,10 @@ setting("MERGE_LORA", True, "--merge-lora",
 setting("ALLOW_FALLBACK", False, "--allow-fallback",
         "exit 0 even when a question with a trained model (or without training results) was predicted by label "
         "frequencies", "submit")
+setting("PREDICT_WITH", "both", "--predict-with",
+        "which models of a --refit run submit.py averages: folds, refit, or both (the fold models' average and the refit "
+        "model at equal weight, i.e. refit 1/2); a run without refit models predicts with its folds",
+        "submit", choices=("folds", "refit", "both"))
 setting("GLOBAL_WEIGHT", 0.25, "--global-weight",
         "weight of the global model where both it and a question's model exist (0: question models only, 1: global only)",
         "submit")
@@ -183,6 +191,8 @@ STAGES = [{}]
 
 # The id under which the global model's files live, in place of a QuestionId, in the path helpers below.
 GLOBAL = "global"
+# The member of a K-fold model trained on all its rows (--refit), in place of a fold number in the path helpers below.
+REFIT_MODEL = "refit"
 
 
 def get_question_output_dir(question_id):
@@ -190,18 +200,25 @@ def get_question_output_dir(question_id):
     return os.path.join(OUTPUT_DIR, GLOBAL if question_id == GLOBAL else f"question_{question_id}")
 
 
+def member_name(fold):
+    """The folder of one member of a K-fold model: fold_<k>, or refit (fold REFIT_MODEL)."""
+    return REFIT_MODEL if fold == REFIT_MODEL else f"fold_{fold}"
+
+
+def get_member_dir(question_id, fold=None):
+    """question_<id>/ (one split), or the member's folder in it: fold_<k>/ or refit/."""
+    folder = get_question_output_dir(question_id)
+    return folder if fold is None else os.path.join(folder, member_name(fold))
+
+
 def get_question_model_path(question_id, checkpoint=None, fold=None):
     """question_<id>/<checkpoint>, or question_<id>/fold_<k>/<checkpoint> in a K-fold run."""
-    folder = get_question_output_dir(question_id)
-    if fold is not None:
-        folder = os.path.join(folder, f"fold_{fold}")
-    return os.path.join(folder, checkpoint or CHECKPOINT)
+    return os.path.join(get_member_dir(question_id, fold), checkpoint or CHECKPOINT)
 
 
 def get_checkpoint_dir(question_id, fold=None):
     """The Trainer's work dir of a model in training, with its checkpoints: question_<id>/[fold_<k>/]trainer."""
-    folder = get_question_output_dir(question_id)
-    return os.path.join(folder, "trainer" if fold is None else os.path.join(f"fold_{fold}", "trainer"))
+    return os.path.join(get_member_dir(question_id, fold), "trainer")
 
 
 def get_question_label_encoder_path(question_id):

@@ -3,10 +3,11 @@ checkpoints inside a model from which the same command goes on after a stop.
 
 train.py chooses the models, their rows and splits; `train_fold` fine-tunes one of them on one split.
 
-A checkpoint in <model dir>/[fold_<k>/]trainer/ is what the Trainer writes in checkpoint-<step>/ (LoRA and head,
+A checkpoint in <model dir>/[fold_<k>/ or refit/]trainer/ is what the Trainer writes in checkpoint-<step>/ (LoRA and head,
 optimizer, scheduler, gradient scaler, RNG states, step and log history), completed by CheckpointState in
 resume-<step>/ with what the Trainer does not keep: the best MAP@3 so far, its step and adapter, the validation
-probabilities, the step-0 evaluation and what the model is made from. The Trainer skips the batches already
+probabilities, the step-0 evaluation and what the model is made from (a model without validation rows, the refit
+model of --refit, has only the last). The Trainer skips the batches already
 trained, and the bucketed batch order depends only on the seed and the epoch (LengthGroupedBatches), so a resumed
 model sees the batches the uninterrupted one would have.
 """
@@ -117,7 +118,8 @@ class ModelData:
 class MapTrainer(Trainer):
     """A Trainer whose evaluation is the competition's MAP@3, computed as submit.py predicts.
 
-    Every evaluation that beats the best MAP@3 so far rewrites `best_map3_dir`.
+    Every evaluation that beats the best MAP@3 so far rewrites `best_map3_dir`. Without validation rows (the refit
+    model) nothing is evaluated, and nothing is kept of evaluations.
     """
     progress = None  # the run's report.RunProgress (set by train.train_questions): a bar over steps, models counted
 
@@ -134,6 +136,11 @@ class MapTrainer(Trainer):
         self.best_probs = self.last_probs = None
         self.initial = None  # the evaluation at step 0
         self.nonfinite_steps = 0  # optimizer steps whose gradients were not all finite (NonFiniteSteps)
+
+    @property
+    def validated(self):
+        """Whether the model has validation rows (the refit model has none)."""
+        return len(self.val_idx) > 0
 
     def get_train_dataloader(self):
         """Batches of rows of similar length, of varying size, in a shuffled order (LengthGroupedBatches), padded by
@@ -180,8 +187,9 @@ class MapTrainer(Trainer):
     def save_resume_state(self, checkpoint, inputs):
         """Complete a checkpoint the Trainer wrote with what it does not keep; RESUME_STATE last."""
         folder = resume_state_dir(checkpoint)
-        shutil.copytree(self.best_map3_dir, os.path.join(folder, "best_map3"), dirs_exist_ok=True)
-        np.savez(os.path.join(folder, "probabilities.npz"), best_map3=self.best_probs, best=self.last_probs)
+        if self.validated:
+            shutil.copytree(self.best_map3_dir, os.path.join(folder, "best_map3"), dirs_exist_ok=True)
+            np.savez(os.path.join(folder, "probabilities.npz"), best_map3=self.best_probs, best=self.last_probs)
         write_json_atomic(os.path.join(folder, RESUME_STATE), {**inputs, "best": self.best, "initial": self.initial,
                                                                "nonfinite_steps": self.nonfinite_steps})
 
@@ -192,10 +200,24 @@ class MapTrainer(Trainer):
         state = read_json(os.path.join(folder, RESUME_STATE))
         self.best, self.initial = state["best"], state["initial"]
         self.nonfinite_steps = state.get("nonfinite_steps", 0)  # checkpoints written before it was recorded lack it
+        if not self.validated:
+            return
         with np.load(os.path.join(folder, "probabilities.npz")) as stored:
             self.best_probs, self.last_probs = stored["best_map3"], stored["best"]
         if ranks.is_main():
             replace_directory(self.best_map3_dir, lambda staging: shutil.copytree(os.path.join(folder, "best_map3"), staging))
+
+    def validation_scores(self):
+        """The MAP@3 at step 0, at the best evaluation and at the last step (evaluated now if the last evaluation
+        was earlier), the step-0 evaluation put first in the log history (train() began a new one)."""
+        self.state.log_history.insert(0, {**self.initial, "step": 0, "epoch": 0.0})
+        evaluated = [entry["step"] for entry in self.state.log_history if "eval_map3" in entry]
+        if evaluated[-1] != self.state.global_step:
+            self.evaluate()
+        final = next(entry for entry in reversed(self.state.log_history) if "eval_map3" in entry)
+        return {"initial_map3": self.initial["eval_map3"], "best_map3": self.best["map3"],
+                "best_map3_unmasked": self.best["map3_unmasked"], "best_step": self.best["step"],
+                "final_map3": final["eval_map3"], "final_map3_unmasked": final["eval_map3_unmasked"]}
 
 
 class EpochDataLoader(DataLoader):
@@ -303,18 +325,21 @@ def resumable_checkpoint(work_dir, inputs, name):
     return latest
 
 
-def total_steps(n_train):
-    """Optimizer steps of a model trained on n_train rows (by all processes together)."""
+def total_steps(n_train, epochs):
+    """Optimizer steps of a model trained on n_train rows (by all processes together) for `epochs` (a float for the
+    refit model: the Trainer rounds its steps up)."""
     rows_per_step = config.TRAIN_BATCH_SIZE * config.GRADIENT_ACCUMULATION_STEPS * ranks.world_size()
-    return math.ceil(n_train / rows_per_step) * config.EPOCHS
+    return math.ceil(math.ceil(n_train / rows_per_step) * epochs)
 
 
-def training_arguments(output_dir, n_train, precision):
-    steps = total_steps(n_train)
+def training_arguments(output_dir, n_train, precision, epochs, validated=True):
+    """The Trainer's arguments; without validation rows (`validated` False) it never evaluates, and checkpoints at
+    the steps where it would have."""
+    steps = total_steps(n_train, epochs)
     eval_steps = int(config.EVAL_STEPS if config.EVAL_STEPS >= 1 else max(1, round(config.EVAL_STEPS * steps)))
     kwargs = dict(
         output_dir=output_dir,
-        num_train_epochs=config.EPOCHS,
+        num_train_epochs=epochs,
         per_device_train_batch_size=config.TRAIN_BATCH_SIZE,
         per_device_eval_batch_size=config.EVAL_BATCH_SIZE,
         gradient_accumulation_steps=config.GRADIENT_ACCUMULATION_STEPS,
@@ -323,7 +348,7 @@ def training_arguments(output_dir, n_train, precision):
         # An int count: transformers 4.x reads a float warmup_steps as a step count, 5.x as a ratio.
         warmup_steps=math.ceil(config.WARMUP_RATIO * steps),
         lr_scheduler_type=config.LR_SCHEDULER,
-        eval_strategy="steps",
+        eval_strategy="steps" if validated else "no",
         eval_steps=eval_steps,
         # Saved right after an evaluation, so a checkpoint holds the best MAP@3 up to its own step.
         save_strategy="steps" if config.CHECKPOINT_EVERY else "no",
@@ -370,13 +395,15 @@ def log_prior(labels, num_classes):
     return np.log(counts / counts.sum()).astype(np.float32)
 
 
-def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, init=None):
+def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, init=None, epochs=None):
     """Fine-tune on train_idx, evaluate on val_idx; save best_map3/ and best/. The base model is left clean.
 
     `inputs` (train.model_inputs) is what the model is made from: a checkpoint made from the same inputs is resumed,
     and the checkpoints are deleted once the model is saved. `init` = (adapter dir, head rows) starts from a saved
-    adapter (--init-from) instead of a fresh one.
+    adapter (--init-from) instead of a fresh one. `epochs` (default --epochs) may be a float. An empty val_idx
+    (the refit model, fold config.REFIT_MODEL) trains without evaluating and saves best/ only.
     """
+    epochs = config.EPOCHS if epochs is None else epochs
     set_seed(config.model_seed())
     if init:
         model = attach_lora_from(backbone.model, *init)
@@ -388,12 +415,13 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         bias = log_prior(data.train_labels[train_idx], len(data.classes)) if config.HEAD_INIT == "prior" else None
         model = attach_lora(backbone.model, lora_config, len(data.classes), head_bias=bias)
     work_dir = config.get_checkpoint_dir(question_id, fold)
-    name = report.model_name(question_id) + ("" if fold is None else f" fold {fold}")
+    member = None if fold is None else config.member_name(fold)
+    name = report.model_name(question_id) + ("" if member is None else " " + member.replace("_", " "))
     resume = ranks.main_decides(lambda: resumable_checkpoint(work_dir, inputs, name))
     try:
         trainer = MapTrainer(
             model=model,
-            args=training_arguments(work_dir, len(train_idx), backbone.precision),
+            args=training_arguments(work_dir, len(train_idx), backbone.precision, epochs, len(val_idx) > 0),
             data_collator=build_data_collator(backbone.tokenizer, config.PAD_TO_MULTIPLE_OF),
             train_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.train_labels[i])} for i in train_idx],
             eval_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.labels[i])} for i in val_idx],
@@ -407,13 +435,13 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
             best_map3_dir=config.get_question_model_path(question_id, "best_map3", fold),
         )
         trainer.add_callback(CheckpointState(trainer, inputs))
-        allowance = nonfinite_allowance(backbone.precision, total_steps(len(train_idx)))
+        allowance = nonfinite_allowance(backbone.precision, total_steps(len(train_idx), epochs))
         trainer.add_callback(NonFiniteSteps(trainer, allowance))
         if resume:
             trainer.restore_resume_state(resume)
-            log.info("%s: resuming from step %d of %d (%s)", name, checkpoint_step(resume), total_steps(len(train_idx)),
-                     resume)
-        else:
+            log.info("%s: resuming from step %d of %d (%s)", name, checkpoint_step(resume),
+                     total_steps(len(train_idx), epochs), resume)
+        elif trainer.validated:
             trainer.initial = trainer.evaluate()  # step 0: the head's prior, or the model started from
         trainer.train(resume_from_checkpoint=resume)
         if trainer.nonfinite_steps > allowance:
@@ -422,24 +450,15 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
             raise NonFiniteTraining(
                 f"{trainer.nonfinite_steps} optimizer step(s) with non-finite gradients by step {trainer.state.global_step} "
                 f"(allowed in {backbone.precision}: {allowance}); try a lower --lr, or --precision bf16 or fp32")
-        initial = trainer.initial
-        trainer.state.log_history.insert(0, {**initial, "step": 0, "epoch": 0.0})  # train() began a new history
-        evaluated = [entry["step"] for entry in trainer.state.log_history if "eval_map3" in entry]
-        if evaluated[-1] != trainer.state.global_step:
-            trainer.evaluate()
-        final = next(entry for entry in reversed(trainer.state.log_history) if "eval_map3" in entry)
+        scores = trainer.validation_scores() if trainer.validated else {}
         if ranks.is_main():
             save_adapter(model, config.get_question_model_path(question_id, "best", fold))
-            log_name = "log_history.json" if fold is None else f"log_history_fold_{fold}.json"
+            log_name = "log_history.json" if member is None else f"log_history_{member}.json"
             write_json_atomic(os.path.join(config.get_question_log_dir(question_id), log_name), trainer.state.log_history)
             shutil.rmtree(work_dir, ignore_errors=True)
     finally:
         model.unload()
     return {
-        "initial_map3": initial["eval_map3"],
-        "best_map3": trainer.best["map3"], "best_map3_unmasked": trainer.best["map3_unmasked"],
-        "best_step": trainer.best["step"], "final_map3": final["eval_map3"],
-        "final_map3_unmasked": final["eval_map3_unmasked"], "steps": trainer.state.global_step,
-        "nonfinite_steps": trainer.nonfinite_steps,
+        **scores, "steps": trainer.state.global_step, "nonfinite_steps": trainer.nonfinite_steps,
         "train_rows": len(train_idx), "val_rows": len(val_idx),
     }, {"best_map3": trainer.best_probs, "best": trainer.last_probs}

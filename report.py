@@ -137,11 +137,18 @@ def question_line(result):
                  if result.get("stalled") else "")
         return (f"{model_name(question_id)} {verdict}: MAP@3 final {score_text(result['final_map3'])} (best_map3 "
                 f"{score_text(result['best_map3'])}), label prior {score_text(result.get('prior_map3'))}{stall}; "
-                f"{result.get('seconds', 0):.1f} s")
+                f"{result.get('seconds', 0):.1f} s" + (f"; refit {refit_text(result['refit'])}" if result.get("refit") else ""))
     if status == "skipped":
         return f"{model_name(question_id)} skipped: {result.get('num_classes', 1)} class"
     log_file = os.path.join(os.path.basename(config.get_question_output_dir(question_id)), "logs", "train.log")
     return f"{model_name(question_id)} failed: {result.get('error')} (traceback in {log_file})"
+
+
+def refit_text(refit):
+    """A model's refit model (--refit) in words: "1.25 epochs (40 steps), 12.0 s", or "failed: <error>"."""
+    if refit["status"] != "succeeded":
+        return f"failed: {refit['error']}"
+    return f"{refit['epochs']:.2f} epochs ({refit['steps']} steps), {refit['seconds']:.1f} s"
 
 
 def text_table(header, rows, left=()):
@@ -187,6 +194,12 @@ def training_table(summary):
                      f"their average {seeds['average_map3']:.4f}, {difference['mean']:+.4f} over the seeds' mean "
                      f"(95% {difference['interval'][0]:+.4f} to {difference['interval'][1]:+.4f}); submit.py averages them")
     lines += [f"question {q} failed: {entry['error']}" for q, entry in summary["per_question"].items() if entry["status"] == "failed"]
+    refits = {name: entry["refit"] for name, entry in [("global model", summary.get("global") or {}),
+                                                       *((f"question {q}", e) for q, e in summary["per_question"].items())]
+              if entry.get("refit")}
+    if refits:
+        lines.append("refit models (--refit: all rows, no validation, so no MAP@3 of their own; submit.py --predict-with): "
+                     + "; ".join(f"{name} {refit_text(refit)}" for name, refit in refits.items()))
     if summary["per_question"] or not summary.get("global"):  # a global-only run has no per-question overall
         lines.append(f"overall (row-weighted, {summary['val_rows']} validation rows): MAP@3 {score_text(summary['overall_final_map3'])} "
                      f"(final checkpoint; best_map3 {score_text(summary['overall_best_map3'])}, selected on these same rows), "

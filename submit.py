@@ -63,12 +63,29 @@ class Predictor:
         self.collator = build_data_collator(tokenizer, config.PAD_TO_MULTIPLE_OF)
 
     def probabilities(self, question_id, rows, result):
-        """(full labels, mean probabilities of the fold models of a question or of GLOBAL, models used)."""
-        labels, probs = self.fold_probabilities(question_id, rows, result)
-        return labels, np.mean(probs, axis=0), len(probs)
+        """(full labels, probabilities, models used: (fold models, whether the refit model)) of a question or of
+        GLOBAL, from the models --predict-with asks for: the fold models' mean, the refit model, or both at equal
+        weight. Where the refit model is unusable, the fold models alone; raises when none can be used."""
+        members = predicted_members(result)
+        labels, probs = self.member_probabilities(question_id, rows, result, members)
+        if members == [config.REFIT_MODEL] and not probs:
+            labels, probs = self.member_probabilities(question_id, rows, result, fold_members(result))
+        if not probs:
+            raise ValueError(f"no usable fold model under {config.get_question_output_dir(question_id)}")
+        refit = probs.pop(config.REFIT_MODEL, None)
+        parts = ([np.mean(list(probs.values()), axis=0)] if probs else []) + ([] if refit is None else [refit])
+        return labels, np.mean(parts, axis=0), (len(probs), refit is not None)
 
     def fold_probabilities(self, question_id, rows, result):
-        """(full labels, probabilities of each usable fold model); raises when none can be used.
+        """(full labels, probabilities of each usable fold model); raises when none can be used."""
+        labels, probs = self.member_probabilities(question_id, rows, result, fold_members(result))
+        if not probs:
+            raise ValueError(f"no usable fold model under {config.get_question_output_dir(question_id)}")
+        return labels, list(probs.values())
+
+    def member_probabilities(self, question_id, rows, result, members):
+        """(full labels, {member: probabilities} of each usable one of a model's `members`: fold numbers, None for
+        one split (raises when unusable), config.REFIT_MODEL); an unusable member is skipped with a warning.
 
         A global model's scores are restricted to the labels its training saw for each row's question.
         """
@@ -79,14 +96,14 @@ class Predictor:
         correct = correctness_of(rows)
         input_ids, _ = encode_prompts(rows, self.tokenizer, result.get("prompt_version", config.PROMPT_VERSION),
                                       result.get("max_len", config.MAX_LEN))
-        folds = result.get("folds", 1)
-        probs = []
-        for fold in [None] if folds == 1 else range(folds):
-            path = config.get_question_model_path(question_id, fold=fold)
+        labels, probs = None, {}
+        for member in members:
+            # The refit model has no validation rows, so no best_map3/: its final adapter whatever --checkpoint says.
+            path = config.get_question_model_path(question_id, "best" if member == config.REFIT_MODEL else None, member)
             try:
                 model = load_adapter(self.base_model, path, len(classes))
             except Exception as error:
-                if folds == 1:
+                if member is None:
                     raise
                 log.warning("question %s: skipping %s (%s: %s)", question_id, path, type(error).__name__, error)
                 continue
@@ -95,11 +112,22 @@ class Predictor:
                     logits = predict_logits(model, input_ids, self.collator, config.EVAL_BATCH_SIZE, self.precision)
             finally:
                 model.unload()
-            labels, fold_probs = label_probabilities(logits, classes, correct, allowed)
-            probs.append(fold_probs)
-        if not probs:
-            raise ValueError(f"no usable fold model under {config.get_question_output_dir(question_id)}")
+            labels, probs[member] = label_probabilities(logits, classes, correct, allowed)
         return labels, probs
+
+
+def fold_members(result):
+    """The fold models of a question's (or GLOBAL's) results: fold numbers, [None] for one split."""
+    folds = result.get("folds", 1)
+    return [None] if folds == 1 else list(range(folds))
+
+
+def predicted_members(result):
+    """The models --predict-with asks for; the fold models where train.py saved no refit model (no --refit)."""
+    if result.get("refit", {}).get("status") != "succeeded":
+        return fold_members(result)
+    return {"folds": fold_members(result), "refit": [config.REFIT_MODEL],
+            "both": fold_members(result) + [config.REFIT_MODEL]}[config.PREDICT_WITH]
 
 
 def question_classes(question_id, result):
@@ -180,7 +208,12 @@ def group_probabilities(predictor, question_id, rows, results, global_part=None,
 
 
 def models_used(name, models, folds):
-    return f"{name} ({models} of {folds} folds)" if models < folds else f"{name} ({folds} fold{'s' * (folds > 1)})"
+    """How submit.py's table names the models used (`models`: fold models, whether the refit model), e.g.
+    "model (3 folds + refit)", "global model (2 of 3 folds)"."""
+    fold_models, refit = models
+    parts = [] if not fold_models else \
+        [f"{fold_models} of {folds} folds" if fold_models < folds else f"{folds} fold{'s' * (folds > 1)}"]
+    return f"{name} ({' + '.join(parts + ['refit'] * refit)})"
 
 
 def global_probabilities(predictors, test_df):

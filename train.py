@@ -8,7 +8,8 @@ model), and a stall test against the label prior; one model's fine-tuning, with 
 stopped model goes on, is fine_tune.py. The base model is loaded once per process and each model's
 LoRA layers are removed after it, so start-up is paid once. Questions are independent: with several GPUs one
 worker process per GPU takes them from a shared queue, longest first; `--shard K/N` splits them over machines.
-After training, each question's source for submit.py is chosen out of fold (sources.py).
+After training, each question's source for submit.py is chosen out of fold (sources.py). With --refit, each K-fold
+model is then trained once more on all its rows (refit/best), for the epochs its folds chose.
 
     python train.py [RECIPE.py] --train-data train.csv --model /path/to/Qwen3-0.6B --output-dir ver_2
 """
@@ -86,9 +87,20 @@ def model_rows(df, question_id):
     return df[df["QuestionId"] == question_id].reset_index(drop=True)
 
 
+def results_hash(result):
+    """A short hash of results as write_json_atomic writes them (for results read back: file_hash of their file)."""
+    return hashlib.sha1(json.dumps(result, indent=2, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def init_from_hash():
-    """The hash of the --init-from global model's results (written anew whenever it trains), None without one."""
-    return file_hash(global_run(config.INIT_FROM)[1]) if config.INIT_FROM else None
+    """The hash of the --init-from global model's results (written anew whenever it trains) without their refit
+    record, so that adding --refit to the run leaves the question models started from its folds complete; None
+    without one."""
+    if not config.INIT_FROM:
+        return None
+    result = read_json(global_run(config.INIT_FROM)[1])
+    result.pop("refit", None)
+    return results_hash(result)
 
 
 def resolve_duplicates(groups, labels, policy):
@@ -219,8 +231,9 @@ def check_lora_targets():
 
 def init_from_result(init_dir, df=None, question_ids=()):
     """The results of the --init-from global model; InputError unless it trained with this run's folds, seed,
-    label space, validation fraction (one split) and, for each of `question_ids`, the same rows of `df` (checked
-    before any question is retrained: otherwise its validation rows may be rows the global model trained on)."""
+    label space, validation fraction (one split), with --refit a refit model, and, for each of `question_ids`, the
+    same rows of `df` (checked before any question is retrained: otherwise its validation rows may be rows the
+    global model trained on)."""
     _, results_path = global_run(init_dir)
     if not os.path.isfile(results_path):
         raise InputError(f"--init-from {init_dir}: no summary/global_results.json (train it with --scope global)")
@@ -234,6 +247,9 @@ def init_from_result(init_dir, df=None, question_ids=()):
             flag = config.SETTINGS[name].flag
             raise InputError(f"--init-from {init_dir}: the global model has {flag} {recorded.get(name)}, this run "
                              f"{getattr(config, name)} (give {flag} {recorded.get(name)})")
+    if config.REFIT and result.get("refit", {}).get("status") != "succeeded":
+        raise InputError(f"--init-from {init_dir}: the global model has no refit model, which --refit starts the "
+                         f"questions' refit models from (train it with --refit)")
     trained_on = result.get("question_rows_hash", {})
     for question_id in question_ids:
         if question_id != config.GLOBAL and trained_on.get(str(question_id)) != rows_hash(model_rows(df, question_id)):
@@ -243,13 +259,14 @@ def init_from_result(init_dir, df=None, question_ids=()):
 
 
 def global_start(init_dir, question_id, classes, fold):
-    """(adapter dir, head rows) of the --init-from global model for one question and fold; InputError if unusable."""
+    """(adapter dir, head rows) of the --init-from global model for one question and fold (config.REFIT_MODEL: its
+    refit model); InputError if unusable."""
     result = init_from_result(init_dir)
     missing = [label for label in classes if label not in result["classes"]]
     if missing:
         raise InputError(f"--init-from {init_dir}: question {question_id}: labels {missing[:3]} unknown to the global model")
     root = global_run(init_dir)[0]
-    folder = root if fold is None else os.path.join(root, f"fold_{fold}")
+    folder = root if fold is None else os.path.join(root, config.member_name(fold))
     return os.path.join(folder, "best"), [result["classes"].index(label) for label in classes]
 
 
@@ -268,7 +285,8 @@ def train_question(question_id, rows, backbone):
     """Train one model (a question's, or the global one over `rows`), one split or K folds; return its results.
 
     A K-fold model keeps each finished fold (fold_<k>/finished/: its results and validation probabilities) until the
-    model is complete, so a run stopped in fold k goes on with fold k, from its last checkpoint (fine_tune.py).
+    model is complete, its refit model included (--refit), so a run stopped in fold k goes on with fold k, from its
+    last checkpoint (fine_tune.py).
     """
     targets = training_targets(rows, config.LABEL_SPACE)
     encoder = ranks.main_decides(lambda: fit_label_encoder(targets, config.get_question_label_encoder_path(question_id)))
@@ -334,6 +352,8 @@ def train_question(question_id, rows, backbone):
                              prior_scores[scored]))
     if config.FOLDS == 1:
         return {**result, **fold_results[0]}
+    if config.REFIT:
+        result["refit"] = train_refit(question_id, rows, data, fold_results, backbone)
     for fold in folds:
         if ranks.is_main():
             shutil.rmtree(finished_fold_dir(question_id, fold), ignore_errors=True)
@@ -346,6 +366,32 @@ def train_question(question_id, rows, backbone):
         "nonfinite_steps": sum(r.get("nonfinite_steps", 0) for r in fold_results),
         "train_rows": len(rows), "val_rows": len(rows),
     }
+
+
+def train_refit(question_id, rows, data, fold_results, backbone):
+    """Train a K-fold model's refit model (refit/best) on all its training rows (those --duplicates keeps), without
+    validation, for the epochs its folds chose: the mean over the folds of the step of their best_map3 as a fraction
+    of their steps, times --epochs. A question model's starts from the global model's refit model. Returns its record
+    for the results."""
+    started = time.time()
+    epochs = config.EPOCHS * float(np.mean([fold["best_step"] / fold["steps"] for fold in fold_results]))
+    train_idx = np.flatnonzero(data.trainable)
+    start = global_start(config.INIT_FROM, question_id, data.classes, config.REFIT_MODEL) if config.INIT_FROM else None
+    trained, _ = train_fold(question_id, config.REFIT_MODEL, data, train_idx, np.array([], dtype=int), backbone,
+                            model_inputs(rows), start, epochs)
+    record = {"status": "succeeded", "epochs": epochs, "steps": trained["steps"], "train_rows": len(train_idx),
+              "nonfinite_steps": trained["nonfinite_steps"], "seconds": round(time.time() - started, 2)}
+    if start:
+        # The global model's whole results, refit record included: another global refit model retrains this one.
+        record.update(init_from=start[0], init_from_hash=file_hash(global_run(config.INIT_FROM)[1]))
+    return record
+
+
+def refit_of_completed(question_id, rows, backbone, result):
+    """The refit record of a K-fold model whose folds an earlier run completed (its results `result`)."""
+    data, _ = model_data(rows, training_targets(rows, config.LABEL_SPACE), result["classes"], backbone.tokenizer,
+                         result.get("question_classes"))
+    return train_refit(question_id, rows, data, result["fold_results"], backbone)
 
 
 def finished_fold_dir(question_id, fold):
@@ -412,23 +458,41 @@ def changed_inputs(recorded, rows):
     return input_changes(recorded, model_inputs(rows))
 
 
-def is_complete(question_id, rows):
-    """Results exist, were trained with the current training settings, on these rows, from the same starting model
-    and, for a trained question, both adapters are on disk."""
+def completed_folds(question_id, rows):
+    """The results of a model an earlier run completed, else None: trained with the current training settings, on
+    these rows, from the same starting model and, for a trained question, both adapters of each fold on disk. Its
+    refit model is refit_wanted's matter."""
     path = config.get_question_results_path(question_id)
     if not os.path.isfile(path):
-        return False
+        return None
     result = read_json(path)
     if result["status"] not in ("succeeded", "skipped"):
-        return False
+        return None
     changed = changed_inputs(result, rows)
     if changed:
         log.info("%s: trained with other inputs (%s), retraining", report.model_name(question_id), ", ".join(changed))
-        return False
+        return None
     folds = [None] if result.get("folds", 1) == 1 else range(result["folds"])
     adapters = all(os.path.isfile(os.path.join(config.get_question_model_path(question_id, checkpoint, fold), "adapter_config.json"))
                    for checkpoint in ("best", "best_map3") for fold in folds)
-    return result["status"] == "skipped" or (result["status"] == "succeeded" and adapters)
+    return result if result["status"] == "skipped" or adapters else None
+
+
+def refit_wanted(question_id, result):
+    """Whether --refit asks for a refit model that a completed model's results `result` lack: a K-fold model without
+    a succeeded one, without its adapter on disk, or started from a global refit model that has changed since."""
+    if not (config.REFIT and result["status"] == "succeeded" and result.get("folds", 1) > 1):
+        return False
+    refit = result.get("refit", {})
+    adapter = os.path.join(config.get_question_model_path(question_id, "best", config.REFIT_MODEL), "adapter_config.json")
+    same_start = not config.INIT_FROM or refit.get("init_from_hash") == file_hash(global_run(config.INIT_FROM)[1])
+    return not (refit.get("status") == "succeeded" and os.path.isfile(adapter) and same_start)
+
+
+def is_complete(question_id, rows):
+    """Whether a model needs no training: completed_folds, and with --refit its refit model too."""
+    result = completed_folds(question_id, rows)
+    return result is not None and not refit_wanted(question_id, result)
 
 
 def peak_memory_mb(device):
@@ -437,14 +501,18 @@ def peak_memory_mb(device):
     return {"peak_rss_mb": rss_kb / 1024, "peak_gpu_memory_mb": gpu}
 
 
-def run_question(question_id, rows, backbone):
+def run_question(question_id, rows, backbone, completed=None):
     """Train one question (or the global model) with its own log file; a failure is recorded, and the run goes on.
+
+    `completed`: the results of a K-fold model an earlier run completed without the refit model --refit asks for.
+    Only that trains, and the results change by their `refit` record alone (a failure recorded there), so question
+    models started from this one keep their init_from_hash.
 
     Data-parallel, every rank trains it and rank 0 writes its results once all ranks have finished it; a failure is
     recorded and raised, ending this process, so that the launcher stops the others (which may be waiting on it).
     """
     # No results file while a question trains: a run killed midway leaves it to be retrained.
-    if ranks.is_main() and os.path.isfile(config.get_question_results_path(question_id)):
+    if ranks.is_main() and completed is None and os.path.isfile(config.get_question_results_path(question_id)):
         os.remove(config.get_question_results_path(question_id))
     handler = setup_logging(os.path.join(config.get_question_log_dir(question_id), "train.log")) if ranks.is_main() else None
     wandb_run = None
@@ -458,11 +526,15 @@ def run_question(question_id, rows, backbone):
             import wandb
             wandb_run = wandb.init(project=config.WANDB_PROJECT, group=os.path.basename(os.path.abspath(config.OUTPUT_DIR)),
                                    name=os.path.basename(config.get_question_output_dir(question_id)), config=config.snapshot())
-        result = train_question(question_id, rows, backbone)
+        if completed is None:
+            result = train_question(question_id, rows, backbone)
+        else:
+            result = {**completed, "refit": refit_of_completed(question_id, rows, backbone, completed)}
     except Exception as error:
-        log.error("%s failed%s:\n%s", report.model_name(question_id),
+        log.error("%s failed%s:\n%s", report.model_name(question_id) + ("" if completed is None else " refit"),
                   f" on rank {ranks.rank()}" if ranks.is_distributed() else "", traceback.format_exc())
-        result = {"question_id": question_id, "status": "failed", "error": f"{type(error).__name__}: {error}"}
+        failure = {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+        result = {"question_id": question_id, **failure} if completed is None else {**completed, "refit": failure}
         raised = error if ranks.is_distributed() else None
     finally:
         if wandb_run is not None:
@@ -470,9 +542,11 @@ def run_question(question_id, rows, backbone):
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
-    result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
-                  device=str(device), recipe=config.RECIPE, **model_inputs(rows),
-                  versions={library: importlib.metadata.version(library) for library in LIBRARIES}, **peak_memory_mb(device))
+    if completed is None:
+        result.update(seconds=round(time.time() - started, 2), prompt_version=config.PROMPT_VERSION, max_len=config.MAX_LEN,
+                      device=str(device), recipe=config.RECIPE, **model_inputs(rows),
+                      versions={library: importlib.metadata.version(library) for library in LIBRARIES},
+                      **peak_memory_mb(device))
     if raised is None:
         ranks.barrier()  # the model is complete only once every rank has finished it
     if ranks.is_main():
@@ -497,7 +571,7 @@ def write_summary(question_ids):
         "missing": [q for q in question_ids if q not in results],
         "per_question": {str(q): {key: r.get(key) for key in ("status", "best_map3", "final_map3", "prior_map3", "stalled",
                                                               "lead_over_prior", "stall_margin", "rows", "num_classes",
-                                                              "val_rows", "seconds", "error")}
+                                                              "val_rows", "seconds", "error", "refit")}
                          for q, r in results.items()},
         # Row-weighted, so a question counts as much as its rows do in the competition's metric. The final
         # checkpoint's score is the estimate; best_map3 was selected on the same rows, so it is optimistic.
@@ -512,7 +586,7 @@ def write_summary(question_ids):
     if global_result:
         summary["global"] = {key: global_result.get(key) for key in (
             "status", "best_map3", "final_map3", "prior_map3", "stalled", "val_rows", "seconds", "error",
-            "per_question_final_map3")}
+            "per_question_final_map3", "refit")}
     if os.path.isfile(sources_path()):
         summary["sources"] = read_json(sources_path())
     if os.path.isfile(ensemble.seeds_path(config.OUTPUT_DIR)):
@@ -524,16 +598,21 @@ def write_summary(question_ids):
 
 
 def models_to_fit(df, question_id):
-    """Models that training this question (or GLOBAL) fits: none for a question with one class, else FOLDS."""
+    """Models that training this question (or GLOBAL) fits: none for a question with one class, else FOLDS, and its
+    refit model (--refit)."""
+    members = config.FOLDS + (1 if config.REFIT else 0)
     if question_id == config.GLOBAL:
-        return config.FOLDS
-    return config.FOLDS if df.loc[df["QuestionId"] == question_id, TARGET_COLUMN].nunique() > 1 else 0
+        return members
+    return members if df.loc[df["QuestionId"] == question_id, TARGET_COLUMN].nunique() > 1 else 0
 
 
 def models_to_train(df, question_id):
-    """Models a run fits for this question (or GLOBAL): none when its results are complete, else models_to_fit."""
-    if not config.OVERWRITE and is_complete(question_id, model_rows(df, question_id)):
-        return 0
+    """Models a run fits for this question (or GLOBAL): none when its results are complete, its refit model alone
+    when only that is missing, else models_to_fit."""
+    if not config.OVERWRITE:
+        completed = completed_folds(question_id, model_rows(df, question_id))
+        if completed is not None:
+            return int(refit_wanted(question_id, completed))
     return models_to_fit(df, question_id)
 
 
@@ -566,13 +645,14 @@ def train_questions(df, question_ids, device, progress):
     MapTrainer.progress = progress
     for question_id in question_ids:
         rows = model_rows(df, question_id)
-        if not config.OVERWRITE and ranks.main_decides(lambda: is_complete(question_id, rows)):
+        completed = None if config.OVERWRITE else ranks.main_decides(lambda: completed_folds(question_id, rows))
+        if completed is not None and not ranks.main_decides(lambda: refit_wanted(question_id, completed)):
             log.info("%s: results complete, skipping (use --overwrite to retrain)", report.model_name(question_id))
             continue
-        models = models_to_fit(df, question_id)
+        models = models_to_fit(df, question_id) if completed is None else 1
         if backbone is None:
             backbone = load_backbone(config.MODEL_NAME, device)
-        result = run_question(question_id, rows, backbone)
+        result = run_question(question_id, rows, backbone, completed)
         progress.question_done(models, report.question_line(result))
 
 
@@ -702,6 +782,8 @@ def run_stages():
 def train_stage(df, device=None):
     """Train the models of the current settings' stage; returns the QuestionIds (or GLOBAL) it trained.
     `device`: this process's, under a launcher (ranks.start)."""
+    if config.REFIT and config.FOLDS == 1:
+        raise InputError("--refit trains on all rows for the epochs the folds chose: it needs --folds K > 1")
     question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
     resolve_prompt_version()
     if config.SCOPE == "global":
@@ -734,8 +816,10 @@ def train_stage(df, device=None):
 
 
 def failed_models(question_ids):
+    """The models that failed, or whose refit model --refit asked for failed."""
     results = ranks.main_decides(lambda: read_question_results(question_ids))
-    return [q for q in question_ids if results.get(q, {}).get("status") == "failed"]
+    return [q for q in question_ids if results.get(q, {}).get("status") == "failed"
+            or (config.REFIT and results.get(q, {}).get("refit", {}).get("status") == "failed")]
 
 
 def main(argv=None):

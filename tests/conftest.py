@@ -74,6 +74,21 @@ def trained(tiny_model, train_csv, tmp_path_factory):
     return {"output_dir": str(output_dir), "code": run_train(train_args(tiny_model, train_csv, output_dir))}
 
 
+# The default recipe's two stages (a global model, then per-question models started from it) over two questions and
+# one with a single class, which only the global model covers.
+STAGE_QUESTIONS = [31772, 33471, SINGLE_CLASS_QUESTION]
+STAGE_FLAGS = ["--questions", ",".join(map(str, STAGE_QUESTIONS)), "--folds", "2", "--epochs", "2"]
+
+
+@pytest.fixture(scope="session")
+def two_stages(tiny_model, train_csv, tmp_path_factory):
+    """One invocation of the default recipe over STAGE_QUESTIONS (test_recipes.py, test_refit.py); treat it as
+    read-only (copy it to change it)."""
+    output_dir = str(tmp_path_factory.mktemp("stages"))
+    code = run_train(train_args(tiny_model, train_csv, output_dir, *STAGE_FLAGS, recipe=config.DEFAULT_RECIPE))
+    return {"output_dir": output_dir, "code": code}
+
+
 @pytest.fixture
 def fake_gpus(monkeypatch):
     """fake_gpus({"Tesla T4": (7, 5), ...}): CUDA queries answer as if those GPUs were visible, current one first.

@@ -58,7 +58,7 @@ def test_fold_ensemble_is_the_mean_of_the_fold_models(folded, tiny_model, test_c
     tokenizer = load_tokenizer(tiny_model)
     predictor = submit.Predictor(load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu"), tokenizer, "cpu")
     labels, ensemble, models = predictor.probabilities(QUESTIONS[0], rows, result)
-    assert models == 3
+    assert models == (3, False)
 
     from prompts import encode_prompts
     input_ids, _ = encode_prompts(rows, tokenizer, result["prompt_version"], result["max_len"])

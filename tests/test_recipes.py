@@ -13,24 +13,15 @@ import report
 import sources
 import submit
 import train
-from conftest import SINGLE_CLASS_QUESTION, run_train, train_args
+from conftest import SINGLE_CLASS_QUESTION, STAGE_FLAGS, STAGE_QUESTIONS, run_train, train_args
 from utils import decode_top_k, read_competition_csv, read_json, read_question_results
 
-QUESTIONS = [31772, 33471, SINGLE_CLASS_QUESTION]
-QUESTION_FLAGS = ["--questions", ",".join(map(str, QUESTIONS)), "--folds", "2", "--epochs", "2"]
+QUESTIONS, QUESTION_FLAGS = STAGE_QUESTIONS, STAGE_FLAGS
 
 
 def results(output_dir, name):
     return read_json(os.path.join(output_dir, "summary", "global_results.json" if name == config.GLOBAL
                                   else f"question_{name}_results.json"))
-
-
-@pytest.fixture(scope="module")
-def two_stages(tiny_model, train_csv, tmp_path_factory):
-    """One invocation of the default recipe: the global model, then per-question models started from it."""
-    output_dir = str(tmp_path_factory.mktemp("stages"))
-    code = run_train(train_args(tiny_model, train_csv, output_dir, *QUESTION_FLAGS, recipe=config.DEFAULT_RECIPE))
-    return {"output_dir": output_dir, "code": code}
 
 
 def write_recipe(path, text):
