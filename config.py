@@ -152,9 +152,10 @@ setting("MERGE_LORA", True, "--merge-lora",
 setting("ALLOW_FALLBACK", False, "--allow-fallback",
         "exit 0 even when a question with a trained model (or without training results) was predicted by label "
         "frequencies", "submit")
-setting("PREDICT_WITH", "both", "--predict-with",
+setting("PREDICT_WITH", "refit", "--predict-with",
         "which models of a --refit run submit.py averages: folds, refit, or both (the fold models' average and the refit "
-        "model at equal weight, i.e. refit 1/2); a run without refit models predicts with its folds",
+        "model at equal weight, i.e. refit 1/2); a run without refit models predicts with its folds (refit: best on "
+        "held-out rows, EXPERIMENTS.md)",
         "submit", choices=("folds", "refit", "both"))
 setting("GLOBAL_WEIGHT", 0.25, "--global-weight",
         "weight of the global model where both it and a question's model exist (0: question models only, 1: global only)",
