@@ -197,7 +197,7 @@ def test_a_dead_rank_stops_the_others_and_nothing_counts_complete(tiny_model, tr
 
 def test_a_model_trained_on_other_processes_is_retrained():
     """--batch-size is per process: a model or checkpoint of 2 processes is not that of 1 (another global batch)."""
-    inputs = {"training_settings": {"EPOCHS": 2}, "rows_hash": "r", "init_from_hash": None}
+    inputs = {"training_settings": {"EPOCHS": 2}, "rows_hash": "r", "init_from_hash": None, "model_seed": 42}
     assert input_changes({**inputs, "processes": 2}, {**inputs, "processes": 1}) == ["processes 2 -> 1"]
     assert input_changes(inputs, {**inputs, "processes": 1}) == []  # recorded before torchrun: one process
     assert input_changes({**inputs, "processes": 2}, {**inputs, "processes": 2}) == []
