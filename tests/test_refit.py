@@ -233,3 +233,37 @@ def test_a_stopped_refit_model_resumes_from_its_checkpoint(refit_run, tiny_model
                               for folder in (str(output_dir), refit_run["output_dir"]))
     for key in uninterrupted:
         np.testing.assert_allclose(resumed[key].numpy(), uninterrupted[key].numpy(), atol=1e-6)
+
+
+def refit_logits(tiny_model, output_dir, name, rows, result):
+    tokenizer = load_tokenizer(tiny_model)
+    input_ids, _ = encode_prompts(rows, tokenizer, result["prompt_version"], result["max_len"])
+    base = load_base_model(tiny_model, tokenizer, TORCH_DTYPES["fp32"], "cpu")
+    model = load_adapter(base, os.path.join(model_dir(output_dir, name), config.REFIT_MODEL, "best"), len(result["classes"]))
+    try:
+        return predict_logits(model, input_ids, build_data_collator(tokenizer), 8, "fp32")
+    finally:
+        model.unload()
+
+
+def test_a_refit_whose_folds_peaked_at_step_0_is_its_start(refit_run, tiny_model, train_csv, tmp_path):
+    """Folds whose best evaluation was their first chose 0 epochs: the refit model trains 0 steps and predicts as
+    the global refit model it starts from, over the question's labels."""
+    output_dir = tmp_path / "step_0"
+    shutil.copytree(refit_run["output_dir"], output_dir)
+    path = output_dir / "summary" / "question_33471_results.json"
+    result = {key: value for key, value in json.loads(path.read_text()).items() if key != "refit"}
+    result["fold_results"] = [{**fold, "best_step": 0} for fold in result["fold_results"]]
+    path.write_text(json.dumps(result))
+    shutil.rmtree(output_dir / "question_33471" / config.REFIT_MODEL)
+    assert run_train(train_args(tiny_model, train_csv, output_dir, *STAGE_FLAGS, "--refit",
+                                recipe=config.DEFAULT_RECIPE)) == 0
+    refit = results(str(output_dir), QUESTION)["refit"]
+    assert (refit["status"], refit["epochs"], refit["steps"]) == ("succeeded", 0.0, 0)
+    rows = read_competition_csv(train_csv, labelled=True)
+    rows = rows[rows["QuestionId"] == QUESTION]
+    global_result = results(str(output_dir), config.GLOBAL)
+    columns = [global_result["classes"].index(label) for label in result["classes"]]
+    np.testing.assert_allclose(refit_logits(tiny_model, str(output_dir), QUESTION, rows, result),
+                               refit_logits(tiny_model, str(output_dir), config.GLOBAL, rows, global_result)[:, columns],
+                               atol=1e-5)
