@@ -7,7 +7,8 @@ model of the same run). For each model: its rows, its own label encoder, a strat
 model), and a stall test against the label prior; one model's fine-tuning, with the checkpoints from which a
 stopped model goes on, is fine_tune.py. The base model is loaded once per process and each model's
 LoRA layers are removed after it, so start-up is paid once. Questions are independent: with several GPUs one
-worker process per GPU takes them from a shared queue, longest first; `--shard K/N` splits them over machines.
+worker process per GPU takes them from a shared queue, longest first, and `--shard K/N` splits them over machines
+(placement.py).
 After training, each question's source for submit.py is chosen out of fold (sources.py). With --refit, each K-fold
 model is then trained once more on all its rows (refit/best), for the epochs its folds chose.
 
@@ -18,9 +19,7 @@ import importlib.metadata
 import json
 import logging
 import math
-import multiprocessing
 import os
-import queue
 import resource
 import shutil
 import sys
@@ -38,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 import config
 import ensemble
+import placement
 import ranks
 import report
 from fine_tune import MapTrainer, ModelData, input_changes, train_fold
@@ -656,94 +656,9 @@ def train_questions(df, question_ids, device, progress):
         progress.question_done(models, report.question_line(result))
 
 
-def worker(device, threads, settings, question_queue, progress_queue):
-    """A worker process: its own device and base model, questions from the shared queue until a None."""
-    if device.startswith("cuda:"):
-        # Before CUDA starts in this process: the worker sees its one GPU only (no DataParallel over the others).
-        os.environ["CUDA_VISIBLE_DEVICES"] = physical_gpu(int(device.split(":")[1]))
-        device = "cuda"
-    torch.set_num_threads(threads)
-    config.update(settings)
-    setup_logging()
-    df = read_competition_csv(config.TRAIN_DATA_PATH, labelled=True)
-    train_questions(df, iter(question_queue.get, None), device, report.QueuedProgress(progress_queue))
-
-
-def train_parallel(df, question_ids, devices, progress):
-    """One worker process per device; questions handed out longest first so the workers finish together.
-
-    The workers report their progress to this process, which logs it.
-    """
-    context = multiprocessing.get_context("spawn")
-    question_queue, progress_queue = context.Queue(), context.Queue()
-    sizes = df["QuestionId"].value_counts()
-    for question_id in sorted(question_ids, key=lambda q: -sizes.get(q, len(df))):  # GLOBAL: all rows
-        question_queue.put(question_id)
-    for _ in devices:
-        question_queue.put(None)
-    threads = max(1, (os.cpu_count() or 1) // len(devices))
-    workers = [context.Process(target=worker, args=(device, threads, config.snapshot(), question_queue, progress_queue))
-               for device in devices]
-    for process in workers:
-        process.start()
-    try:
-        while any(process.is_alive() for process in workers) or not progress_queue.empty():
-            try:
-                method, *args = progress_queue.get(timeout=1)
-            except queue.Empty:
-                continue
-            getattr(progress, method)(*args)
-        for process in workers:
-            process.join()
-    except KeyboardInterrupt:
-        for process in workers:
-            process.terminate()
-        for process in workers:
-            process.join()
-        raise
-    crashed = [process.exitcode for process in workers if process.exitcode != 0]
-    for question_id in question_ids:
-        if crashed and not os.path.isfile(config.get_question_results_path(question_id)):
-            write_json_atomic(config.get_question_results_path(question_id), {
-                "question_id": question_id, "status": "failed",
-                "error": f"worker process exited with code {crashed[0]} before finishing this question"})
-
-
-def physical_gpu(index):
-    """The CUDA_VISIBLE_DEVICES entry for visible GPU `index`, mapped through the list a scheduler may have set."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return visible.split(",")[index].strip() if visible else str(index)
-
-
-def training_devices():
-    """Devices to train on: the GPUs asked for (indices among the visible ones, all by default), else the CPU,
-    WORKERS times."""
-    visible = torch.cuda.device_count()
-    gpus = list(range(visible)) if config.GPUS == "all" else [int(g) for g in config.GPUS.split(",") if g]
-    unknown = [gpu for gpu in gpus if not 0 <= gpu < visible]
-    if unknown:
-        raise InputError(f"--gpus {config.GPUS}: GPU {unknown[0]} is not among the {visible} visible GPU(s)")
-    devices = [f"cuda:{gpu}" for gpu in gpus] or ["cpu"]
-    if config.WORKERS:
-        devices = [devices[i % len(devices)] for i in range(config.WORKERS)]
-    return devices
-
-
-def shard_questions(df, question_ids, shard):
-    """The K-th of N partitions of the questions, balanced by row count and the same on every machine."""
-    try:
-        index, count = (int(part) for part in shard.split("/"))
-        assert 1 <= index <= count
-    except (ValueError, AssertionError):
-        raise InputError(f"--shard {shard}: expected K/N with 1 <= K <= N") from None
-    sizes = df["QuestionId"].value_counts()
-    loads = [0] * count
-    owner = {}
-    for question_id in sorted(question_ids, key=lambda q: (-sizes[q], q)):
-        target = loads.index(min(loads))
-        loads[target] += sizes[question_id]
-        owner[question_id] = target + 1
-    return [q for q in question_ids if owner[q] == index]
+def train_queued(device, question_ids, progress):
+    """A worker process's training (placement.worker): the questions of the shared queue, on its device."""
+    train_questions(read_competition_csv(config.TRAIN_DATA_PATH, labelled=True), question_ids, device, progress)
 
 
 def resolve_prompt_version():
@@ -784,7 +699,7 @@ def train_stage(df, device=None):
     `device`: this process's, under a launcher (ranks.start)."""
     if config.REFIT and config.FOLDS == 1:
         raise InputError("--refit trains on all rows for the epochs the folds chose: it needs --folds K > 1")
-    question_ids = shard_questions(df, config.QUESTION_IDS, config.SHARD)
+    question_ids = placement.shard_questions(df, config.QUESTION_IDS, config.SHARD)
     resolve_prompt_version()
     if config.SCOPE == "global":
         if config.INIT_FROM:
@@ -795,7 +710,8 @@ def train_stage(df, device=None):
     if not config.INIT_FROM:  # a started model keeps its global adapter's layers
         check_lora_targets()
     # Under a launcher, each process trains every model on its own device, data-parallel with the others.
-    devices = [device] if device else training_devices()[:1] if config.SCOPE == "global" else training_devices()
+    devices = [device] if device else (placement.training_devices()[:1] if config.SCOPE == "global"
+                                        else placement.training_devices())
     for each in devices:  # a bad --precision stops here, not inside the workers
         resolve_precision(config.PRECISION, each)
     total = ranks.main_decides(lambda: sum(models_to_train(df, question_id) for question_id in question_ids))
@@ -810,7 +726,7 @@ def train_stage(df, device=None):
         if device or devices == ["cpu"]:
             train_questions(df, question_ids, devices[0], progress)
         else:
-            train_parallel(df, question_ids, devices, progress)
+            placement.train_in_workers(train_queued, df, question_ids, devices, progress)
     progress.close()
     return question_ids
 

@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 import config
+import placement
 import train
 from conftest import train_args
 
@@ -56,7 +57,7 @@ def test_two_workers_give_the_same_artifacts_and_summary(single, tiny_model, tra
 def test_shards_cover_every_question_once_and_merge_to_the_single_run(single, tiny_model, train_csv, tmp_path):
     df = train.read_competition_csv(train_csv, labelled=True)
     ids = [int(q) for q in QUESTIONS.split(",")]
-    parts = [train.shard_questions(df, ids, f"{k}/3") for k in (1, 2, 3)]
+    parts = [placement.shard_questions(df, ids, f"{k}/3") for k in (1, 2, 3)]
     assert sorted(sum(parts, [])) == sorted(ids) and all(parts)
     for k in (1, 2):
         assert train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", QUESTIONS, "--shard", f"{k}/2")) == 0
@@ -108,7 +109,8 @@ def test_one_selected_gpu_trains_in_a_worker_pinned_to_it(fake_gpus, tiny_model,
     """In-process, the Trainer would wrap the model in DataParallel over every visible GPU."""
     fake_gpus({"Tesla T4": (7, 5), "Tesla T4 ": (7, 5)})
     calls = []
-    monkeypatch.setattr(train, "train_parallel", lambda df, questions, devices, progress: calls.append(("workers", devices)))
+    monkeypatch.setattr(placement, "train_in_workers",
+                        lambda run, df, questions, devices, progress: calls.append(("workers", devices)))
     monkeypatch.setattr(train, "train_questions", lambda df, questions, device, progress: calls.append(("in-process", device)))
     train.main(train_args(tiny_model, train_csv, tmp_path, "--questions", "33471", "--gpus", "1", "--workers", "1"))
     assert calls == [("workers", ["cuda:1"])]
@@ -124,6 +126,7 @@ def test_a_worker_pins_the_physical_gpu_behind_its_index(train_csv, monkeypatch)
                         lambda df, questions, device, progress: pinned.append((os.environ["CUDA_VISIBLE_DEVICES"], device)))
     questions = queue.Queue()
     questions.put(None)
-    train.worker("cuda:1", torch.get_num_threads(), {**config.snapshot(), "TRAIN_DATA_PATH": train_csv}, questions, queue.Queue())
+    placement.worker(train.train_queued, "cuda:1", torch.get_num_threads(), {**config.snapshot(), "TRAIN_DATA_PATH": train_csv},
+                     questions, queue.Queue())
     assert pinned == [("6", "cuda")]
-    assert train.physical_gpu(0) == "6"  # inside the worker, its one GPU
+    assert placement.physical_gpu(0) == "6"  # inside the worker, its one GPU

@@ -15,6 +15,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+import placement  # noqa: E402
 import train  # noqa: E402
 from utils import InputError, adaptable_layers, load_tokenizer, lora_targets_layer, unmatched_lora_targets  # noqa: E402
 
@@ -62,7 +63,7 @@ def check_environment(checks):
     if not torch.cuda.is_available():
         checks.warn("device", "no CUDA GPU: training runs on the CPU in fp32 (fine for the demo, slow for Qwen3-0.6B)")
     try:
-        devices = train.training_devices()
+        devices = placement.training_devices()
         for device in dict.fromkeys(devices):
             checks.ok("precision", f"{precision_and_reason(device)} on {device}")
     except Exception as error:
