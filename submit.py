@@ -314,9 +314,36 @@ def run_probabilities(test_df, devices, predictors_of, bar):
 def predict(test_df, devices=None, record=None):
     """(top-3 label lists for every row of the test frame, in its order; per question (id, rows, how, seconds);
     {question: None or why it was predicted by label frequencies}). Several runs in --output-dir are blended with
-    the weights of `record` (ensemble.py); runs with the same base model share its load."""
+    the weights of `record` (ensemble.py): a run predicts only the questions where its weight is above 0, unless
+    every run weighted there turns out unusable, when the runs at weight 0 stand in."""
     devices = devices or visible_devices()
     dirs = ensemble.run_dirs()
+    questions = [int(qid) for qid in test_df["QuestionId"].unique()]
+    weights = {qid: ensemble.weights_of(record, qid) if record else [1.0] for qid in questions}
+    runs = predict_runs(test_df, dirs, [[qid for qid in questions if weights[qid][run] > 0] for run in range(len(dirs))],
+                        devices)
+    unusable = [qid for qid in questions if not any(qid in run and run[qid][4] is None for run in runs)]
+    stand_ins = [[qid for qid in unusable if qid not in run] for run in runs]
+    if any(stand_ins):
+        for run, stand_in in zip(runs, predict_runs(test_df, dirs, stand_ins, devices)):
+            run.update(stand_in)
+    predictions, done, fallbacks = {}, [], {}
+    for question_id, rows in test_df.groupby("QuestionId", sort=False):
+        parts = [run.get(int(question_id)) for run in runs]
+        if len(parts) == 1:
+            labels, probs, fill, how, why, seconds = parts[0]
+        else:
+            labels, probs, fill, how, why, seconds = blend_runs(parts, weights[int(question_id)], dirs)
+        predictions.update(zip(rows["row_id"], decode(labels, probs, fill, rows)))
+        done.append((int(question_id), len(rows), how, seconds))
+        fallbacks[int(question_id)] = why
+    return [predictions[row_id] for row_id in test_df["row_id"]], done, fallbacks
+
+
+def predict_runs(test_df, dirs, wanted, devices):
+    """For each run, {QuestionId: part} (run_probabilities, its seeds averaged) of the questions it is `wanted` for.
+    Runs with the same base model share its load; a base model's runs go one after the other, and its copies are
+    freed after its last, so two backbones need not fit a GPU at once."""
     loaded = {}
 
     def predictors_of(model_name):
@@ -325,34 +352,23 @@ def predict(test_df, devices=None, record=None):
         return loaded[model_name]
 
     models = ensemble.run_models(dirs)
-    # A base model's runs one after the other, and its copies freed after its last: two backbones need not fit a
-    # GPU at once.
-    order = sorted(range(len(dirs)), key=lambda run: models.index(models[run]))
-    runs = [None] * len(dirs)
+    order = [run for run in sorted(range(len(dirs)), key=lambda run: models.index(models[run])) if wanted[run]]
+    runs = [{} for _ in dirs]
     seeds = [ensemble.seed_dirs(run_dir) for run_dir in dirs]
-    bar = tqdm(total=len(test_df) * sum(map(len, seeds)), unit="row", desc="predicting", dynamic_ncols=True,
-               disable=None)  # a terminal only
+    rows = [test_df[test_df["QuestionId"].isin(questions)] for questions in wanted]
+    bar = tqdm(total=sum(len(rows[run]) * len(seeds[run]) for run in order), unit="row", desc="predicting",
+               dynamic_ncols=True, disable=None)  # a terminal only
     with logging_redirect_tqdm():
         for position, run in enumerate(order):
             parts = []
             for seed_dir in seeds[run]:
                 with ensemble.in_run(seed_dir, models[run]):
-                    parts.append(run_probabilities(test_df, devices, predictors_of, bar))
+                    parts.append(run_probabilities(rows[run], devices, predictors_of, bar))
             runs[run] = parts[0] if len(parts) == 1 else average_seeds(parts, seeds[run])
             if models[run] not in [models[later] for later in order[position + 1:]]:
                 loaded.pop(models[run], None)
     bar.close()
-    predictions, done, fallbacks = {}, [], {}
-    for question_id, rows in test_df.groupby("QuestionId", sort=False):
-        parts = [run[int(question_id)] for run in runs]
-        if len(parts) == 1:
-            labels, probs, fill, how, why, seconds = parts[0]
-        else:
-            labels, probs, fill, how, why, seconds = blend_runs(parts, ensemble.weights_of(record, question_id), dirs)
-        predictions.update(zip(rows["row_id"], decode(labels, probs, fill, rows)))
-        done.append((int(question_id), len(rows), how, seconds))
-        fallbacks[int(question_id)] = why
-    return [predictions[row_id] for row_id in test_df["row_id"]], done, fallbacks
+    return runs
 
 
 def average_seeds(seed_parts, seed_dirs):
@@ -369,12 +385,13 @@ def average_seeds(seed_parts, seed_dirs):
 
 
 def blend_runs(parts, weights, dirs):
-    """One question's part (run_probabilities) from each run's, at the runs' weights. A run whose model was not
-    usable for the question is left out; where only runs at weight 0 have one, they stand in at equal weights, and
-    where none has, the first run's label frequencies do."""
-    usable = [(weight, part) for weight, part in zip(weights, parts) if part[4] is None]
+    """One question's part (run_probabilities) from each run's (None: the run was not asked, at weight 0), at the
+    runs' weights. A run whose model was not usable for the question is left out; where only runs at weight 0 have
+    one, they stand in at equal weights, and where none has, the first run's label frequencies do."""
+    predicted = [part for part in parts if part is not None]
+    usable = [(weight, part) for weight, part in zip(weights, parts) if part is not None and part[4] is None]
     if not usable:
-        return parts[0][:5] + (sum(part[5] for part in parts),)
+        return predicted[0][:5] + (sum(part[5] for part in predicted),)
     if not any(weight > 0 for weight, _ in usable):
         usable = [(1.0, part) for _, part in usable]
     usable = sorted([(weight, part) for weight, part in usable if weight > 0], key=lambda item: -item[0])
@@ -383,9 +400,9 @@ def blend_runs(parts, weights, dirs):
     else:
         labels, probs = ensemble.blend_runs([weight for weight, _ in usable], [part[:2] for _, part in usable])
     fill = list(dict.fromkeys(label for _, part in usable for label in part[2]))
-    how = "; ".join(f"{weight:g} {os.path.basename(os.path.normpath(run_dir))}: {part[3]}"
-                    for weight, part, run_dir in zip(weights, parts, dirs))
-    return labels, probs, fill, how, None, sum(part[5] for part in parts)
+    how = "; ".join(f"{weight:g} {os.path.basename(os.path.normpath(run_dir))}: "
+                    + ("not run" if part is None else part[3]) for weight, part, run_dir in zip(weights, parts, dirs))
+    return labels, probs, fill, how, None, sum(part[5] for part in predicted)
 
 
 def fallback_report(fallbacks):

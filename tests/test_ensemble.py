@@ -15,6 +15,7 @@ from test_benchmarks import load_script
 from utils import read_competition_csv, read_json
 
 QUESTIONS = [31772, 33471, SINGLE_CLASS_QUESTION]
+TRAINED = QUESTIONS[:2]  # the single-class question has no model
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,8 @@ def test_fitted_weights_reproduce_from_the_out_of_fold_files(two_runs, tiny_mode
     for question_id in QUESTIONS[:2]:
         weights = ensemble.weights_of(record, question_id)
         line = next(line for line in out.splitlines() if line.strip().startswith(str(question_id)))
-        assert f"{weights[0]:g} a: model (2 folds); {weights[1]:g} b: model (2 folds)" in line
+        hows = ["model (2 folds)" if weight > 0 else "not run" for weight in weights]
+        assert f"{weights[0]:g} a: {hows[0]}; {weights[1]:g} b: {hows[1]}" in line
     config.update({"QUESTION_IDS": QUESTIONS})
     assert ensemble.fit_record(read_competition_csv(train_csv, labelled=True), two_runs, "best_map3") == record
 
@@ -76,13 +78,56 @@ def test_a_member_at_weight_0_changes_nothing(two_runs, tiny_model, test_csv, tr
     original = transformers.AutoModelForSequenceClassification.from_pretrained
     monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
                         lambda *a, **k: loads.append(a) or original(*a, **k))
+    predicted = record_predicted_runs(monkeypatch)
     for weights, expected in (("1,0", "a"), ("0,1", "b")):
         path = tmp_path / f"ensemble_{expected}.csv"
         assert submit_with(tiny_model, test_csv, train_csv, ",".join(two_runs), path, "--ensemble-weights", weights) == 0
         pd.testing.assert_frame_equal(read_submission(path), alone[expected])
         assert read_json(tmp_path / "ensemble.json") == {"runs": two_runs, "weights": [float(w) for w in weights.split(",")],
                                                          "questions": {}, "fitted": False}
+        # The run at weight 0 predicts no question the other one has a model for; it stands in, by label
+        # frequencies, for the test file's questions that neither run trained.
+        weighted, other = two_runs["ab".index(expected)], two_runs[1 - "ab".index(expected)]
+        assert predicted[0] == (weighted, test_questions(test_csv))
+        assert [(run, set(questions) & set(TRAINED)) for run, questions in predicted[1:]] == [(other, set())]
+        predicted.clear()
     assert len(loads) == 2  # the two runs share a base model: one load per submission
+
+
+def test_questions(test_csv):
+    return sorted(int(qid) for qid in read_competition_csv(test_csv, labelled=False)["QuestionId"].unique())
+
+
+def record_predicted_runs(monkeypatch):
+    """[(run dir, its questions predicted)], one entry per call of submit.run_probabilities."""
+    predicted = []
+    original = submit.run_probabilities
+
+    def recording(test_df, *args):
+        predicted.append((config.OUTPUT_DIR, sorted(int(qid) for qid in test_df["QuestionId"].unique())))
+        return original(test_df, *args)
+
+    monkeypatch.setattr(submit, "run_probabilities", recording)
+    return predicted
+
+
+def test_a_run_at_weight_0_stands_in_where_the_weighted_run_is_unusable(two_runs, tiny_model, test_csv, train_csv,
+                                                                        tmp_path, monkeypatch):
+    """Run a's adapters of question 33471 are gone: there run b, at weight 0, predicts as it would alone."""
+    broken = tmp_path / "a"
+    shutil.copytree(two_runs[0], broken)
+    for fold in range(2):
+        shutil.rmtree(broken / "question_33471" / f"fold_{fold}")
+    assert submit_with(tiny_model, test_csv, train_csv, two_runs[1], tmp_path / "b.csv") == 0
+    predicted = record_predicted_runs(monkeypatch)
+    path = tmp_path / "ensemble.csv"
+    assert submit_with(tiny_model, test_csv, train_csv, f"{broken},{two_runs[1]}", path, "--ensemble-weights", "1,0") == 0
+    assert predicted[0] == (str(broken), test_questions(test_csv))
+    assert [(run, set(questions) & set(TRAINED)) for run, questions in predicted[1:]] == [(two_runs[1], {33471})]
+    test = read_competition_csv(test_csv, labelled=False)
+    rows = test["QuestionId"].eq(33471).to_numpy()
+    assert rows.any()
+    pd.testing.assert_frame_equal(read_submission(path)[rows], read_submission(tmp_path / "b.csv")[rows])
 
 
 def test_bad_input_is_one_line_and_exit_2(two_runs, tiny_model, test_csv, train_csv, tmp_path, capsys):
