@@ -298,6 +298,7 @@ def train_question(question_id, rows, backbone):
         message = f"Warning: Question {question_id} has only {len(classes)} class(es). Skipping..."
         tqdm.write(message)  # print, without breaking a progress bar
         return {**result, "status": "skipped", "reason": message}
+    remove_stale_refit(question_id)
 
     question_classes = None
     if question_id == config.GLOBAL:
@@ -366,6 +367,15 @@ def train_question(question_id, rows, backbone):
         "nonfinite_steps": sum(r.get("nonfinite_steps", 0) for r in fold_results),
         "train_rows": len(rows), "val_rows": len(rows),
     }
+
+
+def remove_stale_refit(question_id):
+    """A model trained anew makes its refit adapter (refit/best) a model of earlier inputs that no results name: it
+    goes, rather than weigh down an upload of the run (--refit trains a new one after the folds)."""
+    stale = config.get_question_model_path(question_id, "best", config.REFIT_MODEL)
+    if ranks.is_main() and os.path.isdir(stale):
+        log.info("%s: removing %s, the refit model of earlier inputs", report.model_name(question_id), stale)
+        shutil.rmtree(stale)
 
 
 def train_refit(question_id, rows, data, fold_results, backbone):

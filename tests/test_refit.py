@@ -267,3 +267,18 @@ def test_a_refit_whose_folds_peaked_at_step_0_is_its_start(refit_run, tiny_model
     np.testing.assert_allclose(refit_logits(tiny_model, str(output_dir), QUESTION, rows, result),
                                refit_logits(tiny_model, str(output_dir), config.GLOBAL, rows, global_result)[:, columns],
                                atol=1e-5)
+
+
+def test_a_model_retrained_without_refit_leaves_no_refit_model_of_earlier_inputs(refit_run, tiny_model, train_csv, tmp_path,
+                                                                                caplog):
+    """Question 33471 retrained with other epochs and no --refit: its refit adapter, of the earlier model, goes;
+    the other models' stay."""
+    output_dir = tmp_path / "retrained"
+    shutil.copytree(refit_run["output_dir"], output_dir)
+    stale = output_dir / "question_33471" / config.REFIT_MODEL / "best"
+    with caplog.at_level("INFO"):
+        assert run_train(train_args(tiny_model, train_csv, output_dir, *STAGE_FLAGS, "--scope", "question",
+                                    "--questions", "33471", "--epochs", "1", recipe=config.DEFAULT_RECIPE)) == 0
+    assert "refit" not in results(str(output_dir), QUESTION)
+    assert not stale.exists() and f"question 33471: removing {stale}, the refit model of earlier inputs" in caplog.text
+    assert (output_dir / config.GLOBAL / config.REFIT_MODEL / "best" / "adapter_model.safetensors").is_file()
