@@ -1,6 +1,7 @@
 """Shared by train.py and submit.py: data I/O and validation, labels, the metric, and model loading."""
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -304,12 +305,38 @@ def load_backbone(name, device, offline=False):
     return Backbone(tokenizer, load_base_model(name, tokenizer, TORCH_DTYPES[precision], device, offline), precision, device)
 
 
+# CPUs with one of these compute bf16 natively; on others torch emulates it, slower than fp32.
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_emulates_bf16(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU lacks native bf16, by its flags in /proc/cpuinfo; False where that file does not exist."""
+    try:
+        with open(cpuinfo) as handle:
+            flags = next((set(line.split(":", 1)[1].split()) for line in handle if line.startswith("flags")), None)
+    except OSError:
+        return False
+    return flags is not None and not flags & CPU_BF16_FLAGS
+
+
+EMULATED_BF16 = ("this CPU has no avx512_bf16 or amx_bf16, so torch emulates bf16, slower than fp32 (2.1x the time "
+                 "of a MiniLM stand-in run, EXPERIMENTS.md); give --precision fp32")
+
+
+@functools.cache
+def warn_emulated_bf16():
+    """Once per process: every model of a run resolves the precision again."""
+    log.warning("--precision bf16: %s", EMULATED_BF16)
+
+
 def resolve_precision(setting, device):
     """bf16 on GPUs with native bf16, fp16 on older GPUs (T4, V100), fp32 on CPU; an explicit setting wins."""
     device = torch.device(device)
     if setting != "auto":
         if setting == "bf16" and device.type == "cuda" and not native_bf16(device):
             raise InputError(f"--precision bf16: {describe_gpu(device)} has no native bf16 (needs 8.0); use fp16")
+        if setting == "bf16" and device.type == "cpu" and cpu_emulates_bf16():
+            warn_emulated_bf16()
         return setting
     if device.type != "cuda":
         return "fp32"

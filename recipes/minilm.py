@@ -3,8 +3,8 @@ at 1e-3, then per-question models started from it for 2 epochs at 5e-4.
 
     python train.py recipes/minilm.py --model /work/minilm --train-data train.csv --folds 3
 
-bf16 as measured: fast on CPUs with avx512_bf16 or amx_bf16, many times slower where the CPU emulates it
-(give --precision fp32 there).
+bf16 as measured: fast on CPUs with avx512_bf16 or amx_bf16; where the CPU emulates it, a run takes about twice the
+time of fp32 (train.py warns; give --precision fp32 there).
 """
 LORA_TARGET_MODULES = ["query", "key", "value", "dense"]
 MAX_LEN = 128

@@ -111,6 +111,26 @@ def test_precision_follows_compute_capability_of_the_device_in_hand(fake_gpus):
         resolve_precision("bf16", "cuda:1")
 
 
+def test_bf16_on_a_cpu_that_emulates_it_warns_once(tmp_path, monkeypatch, caplog):
+    import utils
+    emulating, native = tmp_path / "emulating", tmp_path / "native"
+    emulating.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    native.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16 amx_tile\n")
+    assert utils.cpu_emulates_bf16(str(emulating)) and not utils.cpu_emulates_bf16(str(native))
+    assert not utils.cpu_emulates_bf16(str(tmp_path / "absent"))  # no /proc/cpuinfo (macOS): unknown, no warning
+
+    def bf16_warnings(emulates):
+        monkeypatch.setattr(utils, "cpu_emulates_bf16", lambda: emulates)
+        utils.warn_emulated_bf16.cache_clear()
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert [utils.resolve_precision(setting, "cpu") for setting in ("bf16", "bf16", "fp32", "auto")] == \
+                ["bf16", "bf16", "fp32", "fp32"]
+        return [record.getMessage() for record in caplog.records]
+    assert bf16_warnings(True) == [f"--precision bf16: {utils.EMULATED_BF16}"]  # once, though resolved twice
+    assert bf16_warnings(False) == []
+
+
 class Overflowing(torch.nn.Module):
     """Logits that overflow in half precision (as fp16 activations do past 65504), and always NaN if `broken`."""
 

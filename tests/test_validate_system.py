@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+from utils import EMULATED_BF16, cpu_emulates_bf16
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -28,9 +30,14 @@ def test_a_good_setup_is_all_ticks(tiny_model, train_csv, test_csv, tmp_path):
 
 
 def test_a_broken_setting_is_a_cross_and_exit_1(tiny_model, train_csv, tmp_path):
-    run = validate("--model", tiny_model, "--train-data", train_csv, "--output-dir", str(tmp_path), "--lora-targets", "q_proj,nonexistent")
+    run = validate("--model", tiny_model, "--train-data", train_csv, "--output-dir", str(tmp_path), "--lora-targets", "q_proj,nonexistent",
+                   "--precision", "bf16")
     assert run.returncode == 1
     assert "✗ lora targets: not in the model: nonexistent" in run.stdout.splitlines()
+    # bf16 on the CPU: a warning where this CPU emulates it, a tick where it computes it natively.
+    precision = f"⚠ precision: bf16 (set by --precision) on cpu: {EMULATED_BF16}" if cpu_emulates_bf16() \
+        else "✓ precision: bf16 (set by --precision) on cpu"
+    assert precision in run.stdout.splitlines()
     run = validate("--model", str(tmp_path / "no_model"), "--train-data", str(tmp_path / "none.csv"), "--output-dir", str(tmp_path))
     assert run.returncode == 1
     crosses = [line for line in run.stdout.splitlines() if line.startswith("✗")]

@@ -57,7 +57,7 @@ def check_environment(checks):
         checks.check(package, not too_old, version + (f" (needs >= {'.'.join(map(str, minimum))})" if too_old else ""))
 
     import torch
-    from utils import describe_gpu
+    from utils import EMULATED_BF16, cpu_emulates_bf16, describe_gpu
     for index in range(torch.cuda.device_count()):
         checks.ok(f"cuda:{index}", describe_gpu(index))
     if not torch.cuda.is_available():
@@ -65,7 +65,10 @@ def check_environment(checks):
     try:
         devices = placement.training_devices()
         for device in dict.fromkeys(devices):
-            checks.ok("precision", f"{precision_and_reason(device)} on {device}")
+            if device == "cpu" and config.PRECISION == "bf16" and cpu_emulates_bf16():
+                checks.warn("precision", f"bf16 (set by --precision) on cpu: {EMULATED_BF16}")
+            else:
+                checks.ok("precision", f"{precision_and_reason(device)} on {device}")
     except Exception as error:
         checks.fail("precision", str(error))
 
