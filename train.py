@@ -75,11 +75,6 @@ def rows_hash(rows):
     return hashlib.sha1(pd.util.hash_pandas_object(columns, index=False).to_numpy().tobytes()).hexdigest()[:16]
 
 
-def file_hash(path):
-    with open(path, "rb") as handle:
-        return hashlib.sha1(handle.read()).hexdigest()[:16]
-
-
 def model_rows(df, question_id):
     """The rows one model trains on: a question's, or those of every selected question (GLOBAL)."""
     if question_id == config.GLOBAL:
@@ -88,18 +83,19 @@ def model_rows(df, question_id):
 
 
 def results_hash(result):
-    """A short hash of results as write_json_atomic writes them (for results read back: file_hash of their file)."""
+    """A short hash of results as write_json_atomic writes them: for results read back, that of their file's bytes."""
     return hashlib.sha1(json.dumps(result, indent=2, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def init_from_hash():
-    """The hash of the --init-from global model's results (written anew whenever it trains) without their refit
-    record, so that adding --refit to the run leaves the question models started from its folds complete; None
-    without one."""
+def init_from_hash(refit_model=False):
+    """The hash of the --init-from global model's results (written anew whenever it trains); None without one.
+    Question models started from its folds leave its refit record out, so that adding --refit to the run leaves them
+    complete; refit models, started from its refit model, keep it."""
     if not config.INIT_FROM:
         return None
     result = read_json(global_run(config.INIT_FROM)[1])
-    result.pop("refit", None)
+    if not refit_model:
+        result.pop("refit", None)
     return results_hash(result)
 
 
@@ -393,7 +389,7 @@ def train_refit(question_id, rows, data, fold_results, backbone):
               "nonfinite_steps": trained["nonfinite_steps"], "seconds": round(time.time() - started, 2)}
     if start:
         # The global model's whole results, refit record included: another global refit model retrains this one.
-        record.update(init_from=start[0], init_from_hash=file_hash(global_run(config.INIT_FROM)[1]))
+        record.update(init_from=start[0], init_from_hash=init_from_hash(refit_model=True))
     return record
 
 
@@ -495,7 +491,7 @@ def refit_wanted(question_id, result):
         return False
     refit = result.get("refit", {})
     adapter = os.path.join(config.get_question_model_path(question_id, "best", config.REFIT_MODEL), "adapter_config.json")
-    same_start = not config.INIT_FROM or refit.get("init_from_hash") == file_hash(global_run(config.INIT_FROM)[1])
+    same_start = refit.get("init_from_hash") == init_from_hash(refit_model=True)
     return not (refit.get("status") == "succeeded" and os.path.isfile(adapter) and same_start)
 
 

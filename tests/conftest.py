@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random-init Qwen3 with the real Qwen3 tokenizer, synthetic data, one training run."""
+import hashlib
 import os
 import sys
 
@@ -55,6 +56,12 @@ def test_csv(train_csv, tmp_path_factory):
 # model, then per-question models) give DEFAULT_RECIPE.
 def train_args(model, data, output_dir, *extra, recipe=config.SEED_RECIPE):
     return [recipe, "--model", model, "--train-data", data, "--output-dir", str(output_dir), *FAST, *extra]
+
+
+def file_hash(path):
+    """The short hash train.py records of a results file: its bytes' SHA-1, computed here independently."""
+    with open(path, "rb") as handle:
+        return hashlib.sha1(handle.read()).hexdigest()[:16]
 
 
 def run_train(args):

@@ -13,7 +13,7 @@ import report
 import sources
 import submit
 import train
-from conftest import SINGLE_CLASS_QUESTION, STAGE_FLAGS, STAGE_QUESTIONS, run_train, train_args
+from conftest import SINGLE_CLASS_QUESTION, STAGE_FLAGS, STAGE_QUESTIONS, file_hash, run_train, train_args
 from utils import decode_top_k, read_competition_csv, read_json, read_question_results
 
 QUESTIONS, QUESTION_FLAGS = STAGE_QUESTIONS, STAGE_FLAGS
@@ -70,7 +70,7 @@ def test_one_invocation_trains_both_stages(two_stages):
     for question_id in QUESTIONS[:2]:
         result = results(output_dir, question_id)
         assert result["init_from"] == [os.path.join(output_dir, "global", f"fold_{k}", "best") for k in range(2)]
-        assert result["init_from_hash"] == train.file_hash(os.path.join(output_dir, "summary", "global_results.json"))
+        assert result["init_from_hash"] == file_hash(os.path.join(output_dir, "summary", "global_results.json"))
         assert result["training_settings"]["LABEL_SPACE"] == "suffix"  # the recipe's
     assert results(output_dir, SINGLE_CLASS_QUESTION)["status"] == "skipped"
     # The finished folds were kept only until their model was complete.

@@ -15,7 +15,7 @@ import fine_tune
 import report
 import submit
 import train
-from conftest import SINGLE_CLASS_QUESTION, STAGE_FLAGS, STAGE_QUESTIONS, run_train, train_args
+from conftest import SINGLE_CLASS_QUESTION, STAGE_FLAGS, STAGE_QUESTIONS, file_hash, run_train, train_args
 from data_collator import build_data_collator
 from prompts import encode_prompts
 from utils import (TORCH_DTYPES, correctness_of, label_probabilities, load_adapter, load_base_model, load_tokenizer,
@@ -108,9 +108,9 @@ def test_a_question_refit_model_starts_from_the_global_refit_model(refit_run):
     global_results = os.path.join(output_dir, "summary", "global_results.json")
     result = results(output_dir, QUESTION)
     assert result["refit"]["init_from"] == os.path.join(output_dir, config.GLOBAL, config.REFIT_MODEL, "best")
-    assert result["refit"]["init_from_hash"] == train.file_hash(global_results)
+    assert result["refit"]["init_from_hash"] == file_hash(global_results)
     # Its folds started from the global folds, whose hash leaves the refit record out.
-    assert result["init_from_hash"] != train.file_hash(global_results)
+    assert result["init_from_hash"] != file_hash(global_results)
     summary = read_json(os.path.join(output_dir, "summary", "all_questions_summary.json"))
     assert summary["global"]["refit"]["status"] == summary["per_question"]["33471"]["refit"]["status"] == "succeeded"
     assert "refit models (--refit" in report.training_table(summary)
