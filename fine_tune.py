@@ -422,7 +422,9 @@ def train_fold(question_id, fold, data, train_idx, val_idx, backbone, inputs, in
         trainer = MapTrainer(
             model=model,
             args=training_arguments(work_dir, len(train_idx), backbone.precision, epochs, len(val_idx) > 0),
-            data_collator=build_data_collator(backbone.tokenizer, config.PAD_TO_MULTIPLE_OF),
+            # Its bound call, not the collator: the Trainer saves a collator's tokenizer into every checkpoint
+            # (Qwen3's tokenizer.json is 11 MB), which resuming never reads.
+            data_collator=build_data_collator(backbone.tokenizer, config.PAD_TO_MULTIPLE_OF).__call__,
             train_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.train_labels[i])} for i in train_idx],
             eval_dataset=[{"input_ids": data.input_ids[i], "labels": int(data.labels[i])} for i in val_idx],
             compute_loss_func=training_loss(class_weights(data.train_labels[train_idx], len(data.classes), config.CLASS_WEIGHT_POWER),

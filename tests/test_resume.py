@@ -88,6 +88,9 @@ def test_a_model_stopped_by_an_exception_resumes_as_if_never_stopped(reference, 
         assert run_train(args) == 1
     assert result(str(tmp_path))["status"] == "failed"
     assert checkpoints(str(tmp_path)) == ["checkpoint-8", "resume-8"]  # only the last is kept
+    # What resuming reads, without the tokenizer the Trainer saves with a collator that exposes one.
+    saved = os.listdir(os.path.join(tmp_path, f"question_{QUESTION}", "trainer", "checkpoint-8"))
+    assert "adapter_model.safetensors" in saved and not [name for name in saved if name.startswith("tokenizer")]
     with caplog.at_level(logging.INFO):
         assert run_train(args) == 0
     assert f"question {QUESTION}: resuming from step 8 of 32" in caplog.text
