@@ -66,7 +66,7 @@ def check_environment(checks):
         devices = placement.training_devices()
         for device in dict.fromkeys(devices):
             if device == "cpu" and config.PRECISION == "bf16" and cpu_emulates_bf16():
-                checks.warn("precision", f"bf16 (set by --precision) on cpu: {EMULATED_BF16}")
+                checks.warn("precision", f"{precision_and_reason(device)} on {device}: {EMULATED_BF16}")
             else:
                 checks.ok("precision", f"{precision_and_reason(device)} on {device}")
     except Exception as error:
